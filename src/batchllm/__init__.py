@@ -1,0 +1,1 @@
+"""batchllm: offline batch LLM inference with global prefix sharing."""
