@@ -1,0 +1,137 @@
+"""Decode attention benchmark: reference vs prefix-shared paged attention on CPU.
+
+G groups x m decoding members, each with a shared prefix of L tokens (rounded down to whole
+blocks; the remainder joins the own part) and an own part of --own tokens. Tiny-model head
+shapes by default (8 query heads, 2 KV heads, head_dim 64). Times one `forward` (one layer);
+`prepare` runs once per step and is reported separately.
+
+    python bench/bench_attention.py                      # G=4, m=16, L=1000, bf16 + fp32
+    python bench/bench_attention.py --sweep              # m x L grid for the selection threshold
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+try:
+    import batchllm  # noqa: F401
+except ImportError:  # package not installed: run from the source tree
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from batchllm.attention.metadata import AttentionMetadata, build_metadata  # noqa: E402
+from batchllm.attention.prefix_shared import PrefixSharedAttention, kv_bytes_read, select_backend  # noqa: E402
+from batchllm.attention.reference import ReferenceAttention  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def decode_step(groups: int, members: int, prefix: int, own: int, bs: int) -> tuple[AttentionMetadata, int]:
+    """Decode-only step metadata and the number of blocks the pool needs (block 0 = null)."""
+    shared = prefix // bs * bs
+    own_total = own + prefix - shared
+    nxt, ql, ctx, bts, sl, gid = 1, [], [], [], [], []
+    for g in range(groups):
+        pre = list(range(nxt, nxt + shared // bs))
+        nxt += len(pre)
+        for _ in range(members):
+            n_own = -(-own_total // bs)
+            bts.append(pre + list(range(nxt, nxt + n_own)))
+            nxt += n_own
+            ql.append(1)
+            ctx.append(shared + own_total)
+            sl.append(shared)
+            gid.append(g)
+    meta = build_metadata(ql, ctx, bts, bs, torch.device("cpu"), shared_lens=sl, group_ids=gid)
+    return meta, nxt
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int, min_s: float = 0.02) -> float:
+    """Median seconds per call; each sample loops enough calls to last ~min_s."""
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    fn()
+    inner = max(1, int(min_s / max(time.perf_counter() - t0, 1e-6)))
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        samples.append((time.perf_counter() - t0) / inner)
+    return statistics.median(samples)
+
+
+def run_case(groups: int, members: int, prefix: int, dtype: torch.dtype, args: argparse.Namespace) -> dict:
+    meta, nblocks = decode_step(groups, members, prefix, args.own, args.block_size)
+    gen = torch.Generator().manual_seed(0)
+    kvh, d = args.kv_heads, args.head_dim
+    k = torch.randn(nblocks * args.block_size, kvh, d, generator=gen).to(dtype)
+    v = torch.randn(nblocks * args.block_size, kvh, d, generator=gen).to(dtype)
+    q = torch.randn(meta.num_tokens, args.heads, d, generator=gen).to(dtype)
+    bpt = 2 * kvh * d * k.element_size()  # K and V bytes per token per layer
+    row = {"G": groups, "m": members, "L": prefix, "dtype": str(dtype).removeprefix("torch."),
+           "auto": select_backend(meta)}
+    outs = {}
+    for name, be in (("ref", ReferenceAttention()), ("ps", PrefixSharedAttention())):
+        prep = be.prepare(meta)
+        row[f"{name}_prep_ms"] = median_time(lambda: be.prepare(meta), 5, 1) * 1e3
+        row[f"{name}_ms"] = median_time(lambda: be.forward(q, k, v, prep, d ** -0.5), args.repeats, args.warmup) * 1e3
+        path = "reference" if name == "ref" else "prefix-shared"
+        row[f"{name}_MB"] = kv_bytes_read(meta, path, 1, bpt) / 1e6
+        row[f"{name}_GBs"] = row[f"{name}_MB"] / row[f"{name}_ms"]  # MB/ms == GB/s
+        outs[name] = be.forward(q, k, v, prep, d ** -0.5).float()
+    row["speedup"] = row["ref_ms"] / row["ps_ms"]
+    row["max_err"] = float((outs["ref"] - outs["ps"]).abs().max())
+    return row
+
+
+COLS = [("G", "{:>3}"), ("m", "{:>3}"), ("L", "{:>5}"), ("dtype", "{:>8}"), ("ref_ms", "{:>8.3f}"),
+        ("ps_ms", "{:>8.3f}"), ("speedup", "{:>7.2f}"), ("ref_MB", "{:>8.2f}"), ("ps_MB", "{:>7.2f}"),
+        ("ref_GBs", "{:>7.1f}"), ("ps_GBs", "{:>7.1f}"), ("ref_prep_ms", "{:>11.3f}"),
+        ("ps_prep_ms", "{:>10.3f}"), ("auto", "{:>13}"), ("max_err", "{:>8.1e}")]
+
+
+def print_row(r: dict, header: bool = False) -> None:
+    if header:
+        print(" ".join(f"{c:>{len(f.format(r[c]))}}" for c, f in COLS))
+    print(" ".join(f.format(r[c]) for c, f in COLS), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--groups", type=int, default=4)
+    ap.add_argument("--members", type=int, default=16)
+    ap.add_argument("--prefix", type=int, default=1000)
+    ap.add_argument("--own", type=int, default=100)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--dtypes", default="bf16,fp32")
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sweep", action="store_true", help="m in {1,2,4,8,16,32} x L in {64,256,1000}")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dtypes = [DTYPES[s] for s in args.dtypes.split(",")]
+    if args.sweep:
+        cases = [(args.groups, m, L, dt) for dt in dtypes for L in (64, 256, 1000) for m in (1, 2, 4, 8, 16, 32)]
+    else:
+        cases = [(args.groups, args.members, args.prefix, dt) for dt in dtypes]
+    print(f"# decode, heads={args.heads} kv_heads={args.kv_heads} d={args.head_dim} own={args.own} "
+          f"block={args.block_size} threads={args.threads}; ms per forward (one layer), median of "
+          f"{args.repeats}; MB = KV bytes read per layer-step; GB/s = MB / time")
+    for n, (g, m, L, dt) in enumerate(cases):
+        print_row(run_case(g, m, L, dt, args), header=n == 0)
+
+
+if __name__ == "__main__":
+    main()

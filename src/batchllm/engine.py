@@ -1,0 +1,126 @@
+"""Engine: the model, its KV pool, the scheduler and the sampler; runs sequences to completion."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from batchllm.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig
+from batchllm.executor.runner import ModelRunner
+from batchllm.executor.sampler import Sampler
+from batchllm.models.loader import DTYPES, load_model, read_config
+from batchllm.outputs import RunStats
+from batchllm.planner import Plan
+from batchllm.scheduler.policies import make_scheduler
+from batchllm.scheduler.scheduler import Scheduler
+from batchllm.sequence import Sequence, SequenceStatus
+from batchllm.tokenizer import Tokenizer
+from batchllm.attention.select import make_backend
+
+
+class Engine:
+    """Loads a model folder and runs batches of `Sequence`s through one scheduler, one flat
+    forward pass per step."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        path = Path(config.model)
+        self.model_config = read_config(path)
+        self.tokenizer = Tokenizer(path)
+        mc = self.model_config
+        dtype_name = mc.dtype if config.dtype == "auto" else config.dtype
+        self.dtype = DTYPES[dtype_name]
+        self.device = torch.device(config.device)
+        limit = mc.max_position_embeddings
+        if mc.sliding_window:  # NOTE: no sliding-window attention: stay inside the window.
+            limit = min(limit, mc.sliding_window)
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's limit {limit}")
+        self.max_model_len = config.max_model_len or limit
+        per_token = mc.kv_bytes_per_token(self.dtype)
+        if config.num_kv_blocks is not None:
+            self.num_blocks = config.num_kv_blocks
+        else:
+            memory = config.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY
+            self.num_blocks = memory // (per_token * config.block_size)
+            if self.num_blocks < 1:
+                raise ValueError(f"kv_cache_memory {memory} bytes holds no block of {config.block_size} "
+                                 f"tokens ({per_token} bytes per token)")
+        self.kv_bytes_per_token = per_token
+        model = load_model(path, mc, self.dtype, self.device, self.max_model_len)
+        self.runner = ModelRunner(model, self.num_blocks, config.block_size, self.dtype, self.device,
+                                  make_backend(config.attention))
+        self.sampler = Sampler()
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return self.tokenizer.eos_token_ids
+
+    def run(self, seqs: list[Sequence], plan: Plan | None, stats: RunStats,
+            on_step: Callable[[RunStats], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> Iterator[Sequence]:
+        """Run `seqs` to completion, yielding each one as it finishes; fill `stats` on the way.
+
+        `should_stop` is asked before every step; when it says yes, nothing new is admitted and
+        the run ends after the current step (unfinished sequences are not yielded).
+        """
+        sched = make_scheduler(self.config, self.num_blocks, seqs, plan)
+        stats.num_kv_blocks, stats.block_size = self.num_blocks, self.config.block_size
+        stats.policy = self.config.policy
+        start = time.perf_counter()
+        while sched.has_unfinished():
+            if should_stop is not None and should_stop():
+                break
+            out = sched.schedule()
+            if not out.seqs:
+                raise RuntimeError("scheduler produced an empty step with work left (KV pool too small?)")
+            stats.peak_kv_blocks = max(stats.peak_kv_blocks, sched.bm.num_used_blocks)
+            logits, row_seqs = self.runner.run(out)
+            for seq, n in zip(out.seqs, out.num_tokens):
+                seq.num_computed_tokens += n
+            sched.after_step(out)
+            result = self.sampler(logits, [out.seqs[i] for i in row_seqs]) if row_seqs else None
+            for j, i in enumerate(row_seqs):
+                seq = out.seqs[i]
+                self._append(seq, result.token_ids[j], result.logprobs[j], result.top_logprobs[j])
+                if seq.is_finished:
+                    sched.finish(seq)
+                    stats.output_tokens += seq.num_output_tokens
+                    yield seq
+            stats.steps += 1
+            stats.tokens_per_step.append(out.total_tokens)
+            stats.computed_prefill_tokens = sched.computed_prefill_tokens
+            stats.preemptions = sched.num_preemptions
+            stats.wall_time_s = time.perf_counter() - start
+            if on_step is not None:
+                on_step(stats)
+        stats.wall_time_s = time.perf_counter() - start
+
+    def _append(self, seq: Sequence, token: int, logprob: float | None, top: dict[int, float] | None) -> None:
+        """Append a sampled token and decide whether the sequence is finished."""
+        seq.token_ids.append(token)
+        p = seq.params
+        if top is not None:
+            seq.logprobs = (seq.logprobs or []) + [top]
+            seq.cumulative_logprob += logprob
+        n_out = seq.num_output_tokens
+        reason: str | None = None
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                reason, seq.stop_reason = "stop", None
+            elif token in p.stop_token_ids:
+                reason, seq.stop_reason = "stop", token
+            elif p.stop_list:
+                text = self.tokenizer.decode(seq.output_token_ids, p.skip_special_tokens)
+                hits = [(text.find(s), s) for s in p.stop_list if s in text]
+                if hits:
+                    at, s = min(hits)
+                    reason, seq.stop_reason, seq.stop_text = "stop", s, text[:at]
+        if reason is None and (n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            seq.finish_reason = reason
+            seq.status = SequenceStatus.FINISHED

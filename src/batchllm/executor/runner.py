@@ -1,0 +1,71 @@
+"""ModelRunner: owns the model and the KV pool; turns one SchedulerOutput into one forward pass."""
+
+from __future__ import annotations
+
+import torch
+
+from batchllm.attention.backend import AttentionBackend
+from batchllm.attention.metadata import build_metadata
+from batchllm.models.llama import CausalLM
+from batchllm.scheduler.scheduler import SchedulerOutput
+
+
+class ModelRunner:
+    """Packs the scheduled tokens of every sequence into one flat batch (no padding) and runs it.
+
+    The KV pool is one tensor [layers, 2, (num_blocks + 1) * block_size, kv_heads, head_dim];
+    slot `b * block_size + i` holds position i of block b. Block 0 is the null block.
+    """
+
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device, backend: AttentionBackend) -> None:
+        cfg = model.cfg
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        self.backend = backend
+        # NOTE: zero-filled so padded or masked reads never meet NaN (0 * NaN would poison a row).
+        self.kv_cache = torch.zeros(cfg.num_layers, 2, (num_blocks + 1) * block_size, cfg.num_kv_heads,
+                                    cfg.head_dim, dtype=dtype, device=device)
+        self.last_path = ""
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy the KV of whole blocks (src -> dst) in every layer."""
+        if not copies:
+            return
+        bs = self.block_size
+        pool = self.kv_cache.view(*self.kv_cache.shape[:2], -1, bs, *self.kv_cache.shape[3:])
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        pool[:, :, dst] = pool[:, :, src]
+
+    def run(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
+        """Compute the scheduled tokens; return logits [rows, vocab] and the indices (into
+        `out.seqs`) of the sequences they belong to: those whose last token was computed."""
+        self.copy_blocks(out.copies)
+        ids, pos, q_lens, ctx_lens, rows, row_seqs = [], [], [], [], [], []
+        start = 0
+        for i, (seq, n) in enumerate(zip(out.seqs, out.num_tokens)):
+            c = seq.num_computed_tokens
+            ids.extend(seq.token_ids[c:c + n])
+            pos.extend(range(c, c + n))
+            q_lens.append(n)
+            ctx_lens.append(c + n)
+            start += n
+            if c + n == seq.num_tokens and not seq.is_prefix:
+                rows.append(start - 1)
+                row_seqs.append(i)
+        meta = build_metadata(
+            q_lens, ctx_lens, [s.block_table for s in out.seqs], self.block_size, self.device,
+            shared_lens=[s.num_shared_blocks * self.block_size for s in out.seqs],
+            group_ids=[s.group_id for s in out.seqs],
+        )
+        prepared = self.backend.prepare(meta)
+        self.last_path = getattr(prepared, "path", self.backend.name)
+        logits = self.model(
+            torch.tensor(ids, dtype=torch.long, device=self.device),
+            torch.tensor(pos, dtype=torch.long, device=self.device),
+            self.kv_cache, meta, self.backend, prepared,
+            torch.tensor(rows, dtype=torch.long, device=self.device),
+        )
+        return logits.cpu(), row_seqs

@@ -1,0 +1,78 @@
+"""Turns the logits of one step into next tokens: greedy, temperature, top-k/p, min-p, logprobs."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from batchllm.sequence import Sequence
+
+
+def derive_seed(*parts: int) -> int:
+    """A stable 63-bit seed from integers (independent of Python's hash randomisation)."""
+    h = hashlib.blake2b(",".join(map(str, parts)).encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+@dataclass
+class SampleResult:
+    """Per row: the chosen token, its logprob (None unless asked) and the top logprobs dict."""
+
+    token_ids: list[int]
+    logprobs: list[float | None]
+    top_logprobs: list[dict[int, float] | None]
+
+
+class Sampler:
+    """Samples one token per row. Each non-greedy row draws from its sequence's own generator,
+    so a request's sample does not depend on which other requests share the step."""
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+        b = logits.shape[0]
+        greedy = torch.tensor([s.params.greedy for s in seqs], dtype=torch.bool)
+        tokens = logits.argmax(dim=-1)
+        sampled_rows = (~greedy).nonzero().flatten().tolist()
+        if sampled_rows:
+            rows = torch.tensor(sampled_rows)
+            probs = self._filtered_probs(logits[rows], [seqs[i] for i in sampled_rows])
+            # NOTE: the exponential race (argmax p/E, E ~ Exp(1)) samples from p with one draw
+            # per row from that row's own generator.
+            race = torch.empty_like(probs)
+            for j, i in enumerate(sampled_rows):
+                race[j].exponential_(generator=seqs[i].generator)
+            tokens[rows] = (probs / race).argmax(dim=-1)
+        token_list = tokens.tolist()
+        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        lps: list[float | None] = [None] * b
+        tops: list[dict[int, float] | None] = [None] * b
+        if want:
+            logp = torch.log_softmax(logits[want], dim=-1)
+            k = max(seqs[i].params.logprobs for i in want)
+            top_v, top_i = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], logp[:, :0].long())
+            for j, i in enumerate(want):
+                t = token_list[i]
+                kk = seqs[i].params.logprobs
+                d = dict(zip(top_i[j, :kk].tolist(), top_v[j, :kk].tolist()))
+                d[t] = float(logp[j, t])
+                lps[i], tops[i] = d[t], d
+        return SampleResult(token_list, lps, tops)
+
+    @staticmethod
+    def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Probabilities after temperature, top-k, top-p and min-p, vectorised over rows."""
+        temp = torch.tensor([s.params.temperature for s in seqs], dtype=logits.dtype)[:, None]
+        probs = torch.softmax(logits / temp, dim=-1)
+        v = probs.shape[-1]
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        ks = torch.tensor([s.params.top_k if s.params.top_k > 0 else v for s in seqs])[:, None]
+        top_p = torch.tensor([s.params.top_p for s in seqs], dtype=probs.dtype)[:, None]
+        min_p = torch.tensor([s.params.min_p for s in seqs], dtype=probs.dtype)[:, None]
+        rank = torch.arange(v)[None, :]
+        drop = rank >= ks
+        drop |= (sorted_p.cumsum(dim=-1) - sorted_p) >= top_p  # keep the smallest set reaching top_p
+        drop |= sorted_p < min_p * sorted_p[:, :1]
+        drop[:, 0] = False
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        return torch.zeros_like(probs).scatter_(-1, order, sorted_p)

@@ -1,0 +1,196 @@
+"""The LLM facade (vLLM-shaped): generate / chat / plan; input order in, input order out."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence as Seq
+from typing import Any, Union
+
+from tqdm import tqdm
+
+from batchllm.config import EngineConfig
+from batchllm.engine import Engine
+from batchllm.executor.sampler import derive_seed
+from batchllm.outputs import CompletionOutput, RequestOutput, RunStats
+from batchllm.planner import Plan, build_plan
+from batchllm.sampling_params import SamplingParams
+from batchllm.sequence import Sequence
+
+import torch
+
+PromptType = Union[str, list[int], dict[str, Any]]
+
+
+class LLM:
+    """An engine for one model folder. Unknown keyword arguments raise TypeError.
+
+    Example: `LLM("path/to/model", dtype="bfloat16").generate(["Hello"], SamplingParams(max_tokens=8))`.
+    """
+
+    def __init__(self, model: str, **kwargs: Any) -> None:
+        self.config = EngineConfig.from_kwargs(model, **kwargs)
+        self.engine = Engine(self.config)
+        self.tokenizer = self.engine.tokenizer
+        self.last_run_stats: RunStats | None = None
+
+    # ---- inputs -----------------------------------------------------------------------------
+    def _tokenize(self, prompts: Seq[PromptType]) -> tuple[list[str | None], list[list[int]]]:
+        texts: list[str | None] = []
+        ids: list[list[int]] = []
+        for p in prompts:
+            if isinstance(p, str):
+                texts.append(p)
+                ids.append(self.tokenizer.encode(p))
+            elif isinstance(p, dict) and "prompt_token_ids" in p:
+                texts.append(p.get("prompt"))
+                ids.append(list(p["prompt_token_ids"]))
+            elif isinstance(p, dict) and "prompt" in p:
+                texts.append(p["prompt"])
+                ids.append(self.tokenizer.encode(p["prompt"]))
+            else:
+                texts.append(None)
+                ids.append(list(p))
+        return texts, ids
+
+    def _params_list(self, n: int, sampling_params: SamplingParams | Seq[SamplingParams] | None
+                     ) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * n
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * n
+        params = list(sampling_params)
+        if len(params) != n:
+            raise ValueError(f"got {len(params)} sampling params for {n} prompts")
+        return params
+
+    def validate(self, prompt_ids: list[list[int]], params: list[SamplingParams]) -> list[str]:
+        """One message per invalid prompt ("prompt i: reason"); empty when all are valid."""
+        vocab = self.engine.model_config.vocab_size
+        limit = self.engine.max_model_len
+        pool_tokens = self.engine.num_blocks * self.config.block_size
+        errors = []
+        for i, (ids, p) in enumerate(zip(prompt_ids, params)):
+            why = None
+            if not ids:
+                why = "the prompt is empty"
+            elif not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+                why = f"token ids must be integers in [0, {vocab})"
+            elif len(ids) >= limit:
+                why = f"the prompt has {len(ids)} tokens; max_model_len is {limit} (room for one output token needed)"
+            elif min(len(ids) + p.max_tokens, limit) > pool_tokens:
+                why = (f"prompt + max_tokens needs {min(len(ids) + p.max_tokens, limit)} KV tokens; "
+                       f"the KV pool holds {pool_tokens}")
+            elif p.problems():
+                why = "; ".join(p.problems())
+            if why is not None:
+                errors.append(f"prompt {i}: {why}")
+        return errors
+
+    def _make_seqs(self, prompt_ids: list[list[int]], params: list[SamplingParams]) -> list[Sequence]:
+        seqs, seen = [], Counter()
+        for i, (ids, p) in enumerate(zip(prompt_ids, params)):
+            # NOTE: unseeded requests get a seed derived from the engine seed, the prompt and how
+            # often the same prompt came before, never from the batch position.
+            key = tuple(ids)
+            occurrence = seen[key]
+            seen[key] += 1
+            base = p.seed if p.seed is not None else derive_seed(self.config.seed, hash(key), occurrence)
+            for j in range(p.n):
+                gen = None
+                if not p.greedy:
+                    gen = torch.Generator().manual_seed(derive_seed(base, j))
+                seqs.append(Sequence(seq_id=len(seqs), request_index=i, sample_index=j, token_ids=list(ids),
+                                     num_prompt_tokens=len(ids), params=p, generator=gen))
+        return seqs
+
+    # ---- public -----------------------------------------------------------------------------
+    def plan(self, prompts: Seq[PromptType], sampling_params: SamplingParams | Seq[SamplingParams] | None = None
+             ) -> Plan:
+        """Plan the batch (prefix-sharing groups and their order) without running the model."""
+        _, ids = self._tokenize(prompts)
+        params = self._params_list(len(ids), sampling_params)
+        return self._plan(self._make_seqs(ids, params))
+
+    def _plan(self, seqs: list[Sequence]) -> Plan:
+        c = self.config
+        return build_plan(
+            [s.token_ids for s in seqs], block_size=c.block_size,
+            expected_output_tokens=[s.params.max_tokens for s in seqs], partial_block=c.partial_block,
+            order="decode-ratio" if c.decode_ratio_order else "input", global_groups=c.global_groups,
+        )
+
+    def generate(self, prompts: PromptType | Seq[PromptType],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate completions; returns one RequestOutput per prompt, in input order."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        results: list[RequestOutput | None] = [None] * len(prompts)
+        for out in self.iter_generate(prompts, sampling_params, use_tqdm=use_tqdm):
+            results[int(out.request_id)] = out
+        return [r for r in results if r is not None]
+
+    def chat(self, conversations: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """Render conversations with the model's chat template, then generate."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]  # type: ignore[list-item]
+        prompts = []
+        for conv in conversations:
+            text = self.tokenizer.apply_chat_template(conv)  # type: ignore[arg-type]
+            prompts.append({"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def iter_generate(self, prompts: Seq[PromptType],
+                      sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                      use_tqdm: bool = True, should_stop: Callable[[], bool] | None = None
+                      ) -> Iterator[RequestOutput]:
+        """Like `generate`, but yields each request's output as soon as all its samples finish
+        (completion order; `request_id` is the input index). Validates everything first."""
+        texts, ids = self._tokenize(prompts)
+        params = self._params_list(len(ids), sampling_params)
+        errors = self.validate(ids, params)
+        if errors:
+            raise ValueError(f"{len(errors)} invalid prompt(s): " + "; ".join(errors[:20])
+                             + (" ..." if len(errors) > 20 else ""))
+        seqs = self._make_seqs(ids, params)
+        plan = self._plan(seqs) if self.config.policy == "batchllm" else None
+        stats = RunStats(num_requests=len(ids), logical_prefill_tokens=sum(map(len, ids)))
+        self.last_run_stats = stats
+        by_request: dict[int, list[Sequence]] = {}
+        for s in seqs:
+            by_request.setdefault(s.request_index, []).append(s)
+        remaining = {i: len(v) for i, v in by_request.items()}
+        bar = tqdm(total=len(ids), desc="requests", unit="req", disable=not use_tqdm, file=sys.stderr,
+                   dynamic_ncols=True)
+        done_prompt_tokens = 0
+        try:
+            for seq in self.engine.run(seqs, plan, stats, should_stop=should_stop):
+                i = seq.request_index
+                remaining[i] -= 1
+                if remaining[i]:
+                    continue
+                done_prompt_tokens += len(ids[i])
+                bar.update(1)
+                t = max(stats.wall_time_s, 1e-9)
+                bar.set_postfix_str(f"in {done_prompt_tokens / t:.0f} tok/s, out {stats.output_tokens / t:.0f} "
+                                    f"tok/s, saving {stats.saving:.1%}", refresh=False)
+                yield self._request_output(i, texts[i], ids[i], by_request[i])
+        finally:
+            bar.close()
+
+    def _request_output(self, index: int, text: str | None, ids: list[int], seqs: list[Sequence]) -> RequestOutput:
+        outs = []
+        for s in seqs:
+            p = s.params
+            out_text = s.stop_text if s.stop_text is not None else self.tokenizer.decode(
+                s.output_token_ids, skip_special_tokens=p.skip_special_tokens)
+            outs.append(CompletionOutput(
+                index=s.sample_index, text=out_text, token_ids=list(s.output_token_ids),
+                cumulative_logprob=s.cumulative_logprob if p.logprobs is not None else None,
+                logprobs=s.logprobs, finish_reason=s.finish_reason, stop_reason=s.stop_reason,
+            ))
+        return RequestOutput(request_id=str(index), prompt=text, prompt_token_ids=ids, outputs=outs,
+                             num_cached_tokens=min(s.num_cached_tokens for s in seqs))

@@ -1,0 +1,101 @@
+"""Read a Hugging Face model folder: config.json and safetensors weights (one file or sharded)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from batchllm.models.config import ModelConfig
+from batchllm.models.llama import CausalLM, Rotary
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelFolderError(ValueError):
+    """The model folder is missing a file or holds an unusable one."""
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a folder, from the index when there is one."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise ModelFolderError(f"{path}: shard(s) named in the index are missing: {', '.join(missing)}")
+        return files
+    return sorted(path.glob("*.safetensors"))
+
+
+def check_folder(path: Path) -> None:
+    """Raise one ModelFolderError naming everything a model folder lacks."""
+    if not path.is_dir():
+        raise ModelFolderError(f"model folder {str(path)!r} does not exist (batchllm loads local folders only)")
+    missing = [name for name in ("config.json", "tokenizer.json") if not (path / name).exists()]
+    if not (path / "model.safetensors.index.json").exists() and not list(path.glob("*.safetensors")):
+        missing.append("*.safetensors weights")
+    if missing:
+        raise ModelFolderError(f"model folder {str(path)!r} lacks: {', '.join(missing)}")
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    check_folder(path)
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ModelFolderError(f"{path / 'config.json'} is not valid JSON: {e}") from e
+    return ModelConfig.from_hf(raw)
+
+
+def _hf_to_ours(name: str) -> tuple[str, int | None]:
+    """Map a checkpoint tensor name to (our parameter name, part index within a fused weight)."""
+    name = name.removeprefix("model.")
+    for part, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+        if f".self_attn.{proj}." in name:
+            return name.replace(proj, "qkv_proj"), part
+    for part, proj in enumerate(("gate_proj", "up_proj")):
+        if f".mlp.{proj}." in name:
+            return name.replace(proj, "gate_up_proj"), part
+    return name, None
+
+
+def load_model(path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
+               max_positions: int) -> CausalLM:
+    """Build the model on `device` in `dtype` with the folder's weights; every parameter must be found."""
+    path = Path(path)
+    with torch.device("meta"):
+        model = CausalLM(cfg, max_positions=1)
+    wanted = dict(model.named_parameters())
+    if cfg.tie_word_embeddings:
+        wanted.pop("lm_head.weight", None)
+    parts: dict[str, dict[int | None, torch.Tensor]] = {}
+    for file in weight_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                ours, part = _hf_to_ours(key)
+                if ours in wanted:
+                    parts.setdefault(ours, {})[part] = f.get_tensor(key)
+    state, missing = {}, []
+    for name, param in wanted.items():
+        got = parts.get(name, {})
+        n_parts = 3 if "qkv_proj" in name else 2 if "gate_up_proj" in name else 1
+        if len(got) != n_parts:
+            missing.append(name)
+            continue
+        t = torch.cat([got[i] for i in sorted(got)], dim=0) if n_parts > 1 else got[None]
+        if t.shape != param.shape:
+            raise ModelFolderError(f"{path}: weight {name} has shape {tuple(t.shape)}, expected {tuple(param.shape)}")
+        state[name] = t.to(device=device, dtype=dtype)
+    if missing:
+        raise ModelFolderError(f"{path}: checkpoint lacks weights for: {', '.join(missing[:8])}"
+                               + (f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""))
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rotary = Rotary(cfg, max_positions).to(device)
+    return model.eval()

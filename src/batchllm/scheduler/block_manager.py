@@ -1,0 +1,138 @@
+"""The paged KV pool: fixed-size blocks with reference counts, and block tables per sequence."""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+
+from batchllm.sequence import Sequence
+
+NULL_BLOCK = 0
+
+
+class BlockManager:
+    """Owns which KV blocks are free, referenced or cached.
+
+    NOTE: block 0 is a reserved all-zero "null" block. Padded gathers in attention point at it,
+    so masked positions never read uninitialised memory. Usable blocks are 1..num_blocks.
+
+    Blocks carry reference counts: a prefix-sharing group's prefix blocks are referenced by the
+    prefix pseudo-sequence and by every member. With `enable_caching` (the `fcfs-lru` and `lpm`
+    policies) a full block whose count drops to zero keeps its content, keyed by a hash chain
+    over the tokens up to its end, and is evicted least-recently-used first when space is needed.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = False) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.ref_counts = [0] * (num_blocks + 1)
+        self._free: deque[int] = deque(range(1, num_blocks + 1))
+        self._hash_to_block: dict[int, int] = {}
+        self._block_to_hash: dict[int, int] = {}
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # ref 0, cached; LRU first
+
+    # ---- accounting -------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks an allocation can take now (free plus evictable cached ones)."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_used_blocks(self) -> int:
+        """Blocks referenced by at least one live sequence."""
+        return self.num_blocks - self.num_free_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def num_new_blocks(self, seq: Sequence, num_new_tokens: int) -> int:
+        """Blocks `seq` must add so its table covers `num_computed_tokens + num_new_tokens`."""
+        return max(0, self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table))
+
+    # ---- allocation -------------------------------------------------------------------------
+    def _take_block(self) -> int:
+        if self._free:
+            block = self._free.popleft()
+        else:
+            block, _ = self._evictable.popitem(last=False)
+            del self._hash_to_block[self._block_to_hash.pop(block)]
+        self.ref_counts[block] = 1
+        return block
+
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Grow `seq`'s block table for `num_new_tokens` more tokens; False (nothing changed) if full."""
+        need = self.num_new_blocks(seq, num_new_tokens)
+        if need > self.num_free_blocks:
+            return False
+        seq.block_table.extend(self._take_block() for _ in range(need))
+        return True
+
+    def share(self, blocks: list[int]) -> None:
+        """Add one reference to each of `blocks` (a member joining its group's prefix)."""
+        for b in blocks:
+            self._incref(b)
+
+    def _incref(self, block: int) -> None:
+        if self.ref_counts[block] == 0:
+            self._evictable.pop(block, None)
+        self.ref_counts[block] += 1
+
+    def release(self, blocks: list[int]) -> None:
+        """Drop one reference to each block; unreferenced blocks become free (or evictable)."""
+        for b in reversed(blocks):
+            self.ref_counts[b] -= 1
+            assert self.ref_counts[b] >= 0, f"block {b} released more often than referenced"
+            if self.ref_counts[b] == 0:
+                if b in self._block_to_hash:
+                    self._evictable[b] = None
+                else:
+                    self._free.append(b)
+
+    def free(self, seq: Sequence) -> None:
+        """Release every block of `seq` and forget its KV (finish or preemption)."""
+        self.release(seq.block_table)
+        seq.block_table = []
+        seq.num_shared_blocks = 0
+        seq.num_computed_tokens = 0
+
+    # ---- automatic prefix cache (fcfs-lru / lpm) ---------------------------------------------
+    def _chain_hashes(self, token_ids: list[int], num_blocks: int) -> list[int]:
+        hashes, h, bs = [], 0, self.block_size
+        for i in range(num_blocks):
+            h = hash((h, tuple(token_ids[i * bs:(i + 1) * bs])))
+            hashes.append(h)
+        return hashes
+
+    def cached_prefix_blocks(self, token_ids: list[int]) -> list[int]:
+        """Cached blocks matching the longest block-aligned prefix of `token_ids`.
+
+        NOTE: at most (len - 1) // block_size blocks: the last token is always computed, so the
+        sequence has a query to sample from.
+        """
+        if not self.enable_caching:
+            return []
+        blocks = []
+        for h in self._chain_hashes(token_ids, (len(token_ids) - 1) // self.block_size):
+            block = self._hash_to_block.get(h)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def adopt_cached(self, seq: Sequence, blocks: list[int]) -> None:
+        """Start `seq` on cached prefix blocks: reference them and skip their tokens."""
+        for b in blocks:
+            self._incref(b)
+        seq.block_table = list(blocks)
+        seq.num_computed_tokens = len(blocks) * self.block_size
+        seq.num_cached_tokens = seq.num_computed_tokens
+
+    def commit_full_blocks(self, seq: Sequence) -> None:
+        """Register `seq`'s completely computed blocks in the prefix cache."""
+        if not self.enable_caching:
+            return
+        full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        for block, h in zip(seq.block_table[:full], self._chain_hashes(seq.token_ids, full)):
+            if block not in self._block_to_hash and h not in self._hash_to_block:
+                self._block_to_hash[block] = h
+                self._hash_to_block[h] = block

@@ -1,0 +1,260 @@
+"""Write small Hugging Face-style model folders with random weights, for tests and benchmarks.
+
+No transformers import and no network: config, safetensors weights, a trained byte-level BPE
+tokenizer, tokenizer_config.json (with a ChatML chat template) and generation_config.json.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+__all__ = ["ARCHS", "SHAPES", "SPECIAL_TOKENS", "make_tiny_model"]
+
+ARCHS: dict[str, tuple[str, str]] = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "mistral": ("MistralForCausalLM", "mistral"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+}
+
+SHAPES: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                 num_key_value_heads=2, intermediate_size=1408, vocab_size=32000),
+    "small": dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16,
+                  num_key_value_heads=4, intermediate_size=2816, vocab_size=32000),
+    "test": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=128, vocab_size=1024),
+}
+
+# Special tokens take ids 0..4 in this order.
+SPECIAL_TOKENS: list[str] = ["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+BOS, EOS, IM_START, IM_END, PAD = SPECIAL_TOKENS
+BOS_ID, EOS_ID, IM_START_ID, IM_END_ID, PAD_ID = range(len(SPECIAL_TOKENS))
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_MAX_TRAINED_VOCAB = 4096
+_QWEN_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+_CHATML = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+_COMMON_WORDS = (
+    "the of and to a in is it that was for on are as with his they at be this have from or one had by "
+    "word but not what all were we when your can said there use an each which she do how their if will up "
+    "other about out many then them these so some her would make like him into time has look two more write "
+    "go see number no way could people my than first water been call who oil its now find long down day did "
+    "get come made may part over new sound take only little work know place year live me back give most very"
+).split()
+
+
+def _corpus(seed: int, n_sentences: int = 4000) -> list[str]:
+    """A deterministic English-like corpus: common words plus generated syllable words, Zipf-ish."""
+    rng = random.Random(seed)
+    onsets = ["", "b", "c", "d", "f", "g", "h", "l", "m", "n", "p", "r", "s", "t", "v", "w", "br", "ch",
+              "cl", "dr", "fl", "gr", "pl", "sh", "st", "th", "tr"]
+    vowels = ["a", "e", "i", "o", "u", "ai", "ea", "ee", "oo", "ou"]
+    codas = ["", "", "n", "r", "s", "t", "l", "nd", "st", "ng", "ck", "m"]
+    made = {"".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas)
+                    for _ in range(rng.randint(1, 3))) for _ in range(3000)}
+    words = _COMMON_WORDS + sorted(made)
+    weights = [1.0 / (i + 1) ** 0.9 for i in range(len(words))]
+    sentences = []
+    for _ in range(n_sentences):
+        toks = rng.choices(words, weights, k=rng.randint(4, 16))
+        if rng.random() < 0.2:
+            toks.insert(rng.randrange(len(toks)), str(rng.randint(0, 2025)))
+        sentence = " ".join(toks)
+        sentences.append(sentence[0].upper() + sentence[1:] + rng.choice([".", ".", ".", "?", "!", ","]))
+    return sentences
+
+
+def _pipeline(tok: Tokenizer, qwen: bool) -> None:
+    """GPT-2 style byte-level pre-tokenization, or Qwen's (NFC + digit-splitting regex)."""
+    if qwen:  # must match what transformers' Qwen2Tokenizer rebuilds from vocab + merges
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_QWEN_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+
+
+@functools.lru_cache(maxsize=8)
+def _trained_tokenizer_json(vocab_size: int, seed: int, qwen: bool = False) -> str:
+    """Train a byte-level BPE (no post-processor) and return its JSON; cached per (vocab, seed, style)."""
+    target = min(vocab_size, _MAX_TRAINED_VOCAB)
+    if target < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size {vocab_size} too small for a byte-level tokenizer (need >= 261)")
+    tok = Tokenizer(models.BPE())
+    _pipeline(tok, qwen)
+    trainer = trainers.BpeTrainer(vocab_size=target, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    assert tok.get_vocab_size() <= vocab_size and tok.token_to_id(PAD) == PAD_ID
+    return tok.to_str()
+
+
+def _build_config(arch: str, shape: str, dtype: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Assemble config.json contents; overrides win, rope_parameters is derived last."""
+    architecture, model_type = ARCHS[arch]
+    cfg: dict[str, Any] = dict(SHAPES[shape])
+    qwen = arch.startswith("qwen")
+    cfg.update(
+        architectures=[architecture], model_type=model_type, hidden_act="silu", rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0 if qwen else 10_000.0, max_position_embeddings=4096,
+        tie_word_embeddings=False, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+        initializer_range=0.02, attention_dropout=0.0, use_cache=True, torch_dtype=dtype, dtype=dtype,
+        rope_scaling=None,
+    )
+    if arch != "mistral":
+        cfg["attention_bias"] = arch == "qwen2"  # Qwen2 always has q/k/v biases
+    if arch == "llama":
+        cfg["mlp_bias"] = False
+    if arch == "mistral":
+        cfg["sliding_window"] = None
+    if qwen:
+        cfg.update(use_sliding_window=False, sliding_window=None)
+    cfg.update(overrides)
+    if qwen:
+        cfg.setdefault("max_window_layers", cfg["num_hidden_layers"])
+    cfg.setdefault("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
+    if "rope_parameters" not in overrides:
+        rope = dict(cfg["rope_scaling"] or {"rope_type": "default"})
+        rope.setdefault("rope_type", rope.pop("type", "default"))
+        cfg["rope_parameters"] = {**rope, "rope_theta": cfg["rope_theta"]}
+    return cfg
+
+
+def _weight_shapes(cfg: dict[str, Any], arch: str) -> dict[str, tuple[int, ...]]:
+    """HF parameter names -> shapes, in a fixed order (the order weights are drawn in)."""
+    h, hd, inter = cfg["hidden_size"], cfg["head_dim"], cfg["intermediate_size"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg["vocab_size"], h)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        for name, out in (("q", q), ("k", kv), ("v", kv)):
+            shapes[p + f"self_attn.{name}_proj.weight"] = (out, h)
+            if arch == "qwen2":
+                shapes[p + f"self_attn.{name}_proj.bias"] = (out,)
+        shapes[p + "self_attn.o_proj.weight"] = (h, q)
+        if arch == "qwen3":
+            shapes[p + "self_attn.q_norm.weight"] = (hd,)
+            shapes[p + "self_attn.k_norm.weight"] = (hd,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        shapes[p + "mlp.gate_proj.weight"] = (inter, h)
+        shapes[p + "mlp.up_proj.weight"] = (inter, h)
+        shapes[p + "mlp.down_proj.weight"] = (h, inter)
+    shapes["model.norm.weight"] = (h,)
+    if not cfg["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (cfg["vocab_size"], h)
+    return shapes
+
+
+def _random_weights(
+    shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Deterministic per seed: 1 + normal(0, 0.1) for norm weights, normal(0, 0.02) for biases,
+    normal(0, 1/sqrt(fan_in)) for matrices and normal(0, 1) for embeddings.
+
+    NOTE: unit-variance activations (rather than the 0.02 training init) make a random model's
+    greedy outputs varied instead of one token repeated, so equality tests have teeth.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in shapes.items():
+        t = torch.randn(shape, generator=gen, dtype=torch.float32)
+        if "norm" in name:
+            t = t.mul_(0.1).add_(1.0)
+        elif "embed_tokens" in name:
+            pass
+        else:
+            t = t.mul_(0.02 if len(shape) == 1 else shape[-1] ** -0.5)
+        out[name] = t.to(dtype)
+    return out
+
+
+def _save_weights(path: Path, tensors: dict[str, torch.Tensor], max_shard_size: int | None) -> None:
+    """One model.safetensors, or greedy shards + model.safetensors.index.json."""
+    meta = {"format": "pt"}
+    if max_shard_size is None:
+        save_file(tensors, str(path / "model.safetensors"), metadata=meta)
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    weight_map = {}
+    for k, shard in enumerate(shards, 1):
+        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / fname), metadata=meta)
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _write_tokenizer(path: Path, cfg: dict[str, Any], arch: str, seed: int, chat_template_file: bool) -> None:
+    """tokenizer.json (+ BOS post-processor for llama/mistral) and tokenizer_config.json."""
+    add_bos = arch in ("llama", "mistral")
+    tok = Tokenizer.from_str(_trained_tokenizer_json(cfg["vocab_size"], seed, arch.startswith("qwen")))
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, BOS_ID)])
+    tok.save(str(path / "tokenizer.json"))
+    template = ("{{- bos_token }}" if add_bos else "") + _CHATML
+    tcfg: dict[str, Any] = dict(
+        tokenizer_class="PreTrainedTokenizerFast", bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        unk_token=None,  # else transformers' Qwen2Tokenizer appends "<|endoftext|>" at id == vocab size
+        add_bos_token=add_bos, add_eos_token=False, model_max_length=cfg["max_position_embeddings"],
+        clean_up_tokenization_spaces=False,
+    )
+    if chat_template_file:
+        (path / "chat_template.jinja").write_text(template)
+    else:
+        tcfg["chat_template"] = template
+    (path / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2))
+
+
+def make_tiny_model(path: str | Path, arch: str = "llama", shape: str = "tiny", seed: int = 0,
+                    dtype: str = "float32", max_shard_size: int | None = None,
+                    chat_template_file: bool = False, **overrides: Any) -> Path:
+    """Write a loadable HF-style model folder with random weights to `path`; return it as a Path.
+
+    `overrides` replace any config.json key (e.g. tie_word_embeddings=True, rope_scaling={...}).
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; valid: {sorted(ARCHS)}")
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; valid: {sorted(SHAPES)}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {sorted(_DTYPES)}")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = _build_config(arch, shape, dtype, overrides)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    tensors = _random_weights(_weight_shapes(cfg, arch), seed, _DTYPES[dtype])
+    _save_weights(out, tensors, max_shard_size)
+    _write_tokenizer(out, cfg, arch, seed, chat_template_file)
+    gen = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, IM_END_ID], "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return out
