@@ -52,8 +52,9 @@ def decode_step(groups: int, members: int, prefix: int, own: int, bs: int) -> tu
     return meta, nxt
 
 
-def median_time(fn: Callable[[], object], repeats: int, warmup: int, min_s: float = 0.02) -> float:
-    """Median seconds per call; each sample loops enough calls to last ~min_s."""
+def median_time(fn: Callable[[], object], repeats: int, warmup: int, min_s: float = 0.02) -> tuple[float, float]:
+    """(median seconds per call, relative spread (p75 - p25) / median); each sample loops enough
+    calls to last ~min_s."""
     for _ in range(warmup):
         fn()
     t0 = time.perf_counter()
@@ -65,7 +66,8 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int, min_s: floa
         for _ in range(inner):
             fn()
         samples.append((time.perf_counter() - t0) / inner)
-    return statistics.median(samples)
+    q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
+    return q[1], (q[2] - q[0]) / q[1]
 
 
 def run_case(groups: int, members: int, prefix: int, dtype: torch.dtype, args: argparse.Namespace) -> dict:
@@ -81,8 +83,10 @@ def run_case(groups: int, members: int, prefix: int, dtype: torch.dtype, args: a
     outs = {}
     for name, be in (("ref", ReferenceAttention()), ("ps", PrefixSharedAttention())):
         prep = be.prepare(meta)
-        row[f"{name}_prep_ms"] = median_time(lambda: be.prepare(meta), 5, 1) * 1e3
-        row[f"{name}_ms"] = median_time(lambda: be.forward(q, k, v, prep, d ** -0.5), args.repeats, args.warmup) * 1e3
+        row[f"{name}_prep_ms"] = median_time(lambda: be.prepare(meta), 5, 1)[0] * 1e3
+        t, spread = median_time(lambda: be.forward(q, k, v, prep, d ** -0.5), args.repeats, args.warmup)
+        row[f"{name}_ms"] = t * 1e3
+        row["spread"] = max(row.get("spread", 0.0), spread)
         path = "reference" if name == "ref" else "prefix-shared"
         row[f"{name}_MB"] = kv_bytes_read(meta, path, 1, bpt) / 1e6
         row[f"{name}_GBs"] = row[f"{name}_MB"] / row[f"{name}_ms"]  # MB/ms == GB/s
@@ -95,7 +99,8 @@ def run_case(groups: int, members: int, prefix: int, dtype: torch.dtype, args: a
 COLS = [("G", "{:>3}"), ("m", "{:>3}"), ("L", "{:>5}"), ("dtype", "{:>8}"), ("ref_ms", "{:>8.3f}"),
         ("ps_ms", "{:>8.3f}"), ("speedup", "{:>7.2f}"), ("ref_MB", "{:>8.2f}"), ("ps_MB", "{:>7.2f}"),
         ("ref_GBs", "{:>7.1f}"), ("ps_GBs", "{:>7.1f}"), ("ref_prep_ms", "{:>11.3f}"),
-        ("ps_prep_ms", "{:>10.3f}"), ("auto", "{:>13}"), ("max_err", "{:>8.1e}")]
+        ("ps_prep_ms", "{:>10.3f}"), ("auto", "{:>13}"), ("max_err", "{:>8.1e}"),
+        ("spread", "{:>6.0%}")]
 
 
 def print_row(r: dict, header: bool = False) -> None:
@@ -128,7 +133,8 @@ def main() -> None:
         cases = [(args.groups, args.members, args.prefix, dt) for dt in dtypes]
     print(f"# decode, heads={args.heads} kv_heads={args.kv_heads} d={args.head_dim} own={args.own} "
           f"block={args.block_size} threads={args.threads}; ms per forward (one layer), median of "
-          f"{args.repeats}; MB = KV bytes read per layer-step; GB/s = MB / time")
+          f"{args.repeats}; MB = KV bytes read per layer-step; GB/s = MB / time; "
+          f"spread = worst (p75-p25)/median of the two paths (noise)")
     for n, (g, m, L, dt) in enumerate(cases):
         print_row(run_case(g, m, L, dt, args), header=n == 0)
 

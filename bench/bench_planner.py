@@ -52,7 +52,8 @@ def main() -> None:
     t = time.perf_counter()
     groups = maximize_reuse(tree)
     t_mr = time.perf_counter() - t
-    print(f"prefix tree: {len(tree.nodes):,} nodes in {t_tree:.2f}s; maximize_reuse: {len(groups):,} groups in {t_mr:.2f}s")
+    print(f"prefix tree: {len(tree.nodes):,} nodes in {t_tree:.2f}s;", end=" ")
+    print(f"maximize_reuse: {len(groups):,} groups in {t_mr:.2f}s")
     del tree, groups
 
     t = time.perf_counter()

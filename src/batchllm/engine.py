@@ -98,6 +98,7 @@ class Engine:
             if on_step is not None:
                 on_step(stats)
         stats.wall_time_s = time.perf_counter() - start
+        stats.kv_blocks_in_use_at_end = sched.bm.num_used_blocks
 
     def _append(self, seq: Sequence, token: int, logprob: float | None, top: dict[int, float] | None) -> None:
         """Append a sampled token and decide whether the sequence is finished."""

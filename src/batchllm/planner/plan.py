@@ -72,7 +72,8 @@ def maximize_reuse(tree: PrefixTree) -> list[PrefixGroup]:
 @dataclass(frozen=True)
 class Group:
     """Members (ascending sequence indices) share ``prefix_len`` tokens; ``own_lens[k]`` is
-    member k's own part (prompt length - prefix_len, >= 1). Unshared: prefix_len 0."""
+    member k's own part (prompt length - prefix_len, >= 1; empty only if built by hand).
+    Unshared: one member, prefix_len 0, own part = the whole prompt."""
 
     prefix_len: int
     members: tuple[int, ...]
@@ -114,15 +115,28 @@ class Plan:
     partial_block: Literal["copy", "recompute"] = "copy"
     _where: dict[int, int] | None = field(default=None, init=False, repr=False, compare=False)
 
-    def group_of(self, seq_index: int) -> Group:
-        """The group that holds sequence ``seq_index`` (KeyError if none)."""
+    def group_index(self, seq_index: int) -> int:
+        """Position in ``groups`` of the group holding sequence ``seq_index`` (KeyError if none)."""
+        # NOTE: built lazily once; treat ``groups`` as read-only after the first call.
         if self._where is None:
             self._where = {m: k for k, g in enumerate(self.groups) for m in g.members}
-        return self.groups[self._where[seq_index]]
+        return self._where[seq_index]
+
+    def group_of(self, seq_index: int) -> Group:
+        """The group that holds sequence ``seq_index`` (KeyError if none)."""
+        return self.groups[self.group_index(seq_index)]
 
     def to_json(self) -> str:
-        d = asdict(self)
-        d.pop("_where")
+        groups = [
+            {"prefix_len": g.prefix_len, "members": g.members, "own_lens": g.own_lens} for g in self.groups
+        ]
+        d = {
+            "groups": groups,
+            "block_size": self.block_size,
+            "num_sequences": self.num_sequences,
+            "stats": asdict(self.stats),
+            "partial_block": self.partial_block,
+        }
         return json.dumps(d, separators=(",", ":"))
 
     @classmethod
@@ -137,12 +151,13 @@ class Plan:
 
     def summary(self) -> str:
         s = self.stats
-        opt = 1 - s.multilevel_optimum_tokens / s.logical_prefill_tokens if s.logical_prefill_tokens else 0.0
+        logical, optimum = s.logical_prefill_tokens, s.multilevel_optimum_tokens
+        opt = 1 - optimum / logical if logical else 0.0
         lines = [
-            f"Plan: {self.num_sequences} sequences in {s.num_groups} groups, {s.num_shared_groups} shared "
-            f"(mean degree {s.mean_share_degree:.1f}); block {self.block_size}, partial block {self.partial_block}",
-            f"Prefill tokens: logical {s.logical_prefill_tokens:,}, planned {s.planned_prefill_tokens:,} "
-            f"(saving {s.saving:.1%}), multi-level optimum {s.multilevel_optimum_tokens:,} (saving {opt:.1%})",
+            f"Plan: {self.num_sequences} sequences in {s.num_groups} groups, {s.num_shared_groups} shared"
+            f" (mean degree {s.mean_share_degree:.1f}); block {self.block_size}, {self.partial_block}",
+            f"Prefill tokens: logical {logical:,}, planned {s.planned_prefill_tokens:,}"
+            f" (saving {s.saving:.1%}), multi-level optimum {optimum:,} (saving {opt:.1%})",
             f"Mean shared prefix {s.mean_prefix_len:.1f} tokens, mean own part {s.mean_suffix_len:.1f} tokens",
             "Share degree (members per group: groups):",
         ]

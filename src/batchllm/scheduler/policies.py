@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from batchllm.config import EngineConfig
 from batchllm.planner import Plan
+from batchllm.scheduler.batch_scheduler import BatchScheduler
 from batchllm.scheduler.block_manager import BlockManager
 from batchllm.scheduler.queues import FcfsQueue, LpmQueue
 from batchllm.scheduler.scheduler import Scheduler
@@ -15,10 +16,12 @@ def make_scheduler(config: EngineConfig, num_blocks: int, seqs: list[Sequence], 
     caching = config.policy in ("fcfs-lru", "lpm")
     bm = BlockManager(num_blocks, config.block_size, enable_caching=caching)
     max_seqs = config.effective_max_num_seqs()
-    if config.policy == "lpm":
-        queue = LpmQueue(bm, config.lpm_window)
-    else:
-        queue = FcfsQueue()
+    if config.policy == "batchllm":
+        if plan is None:
+            raise ValueError("the batchllm policy needs a plan")
+        return BatchScheduler(bm, plan, seqs, config.max_num_batched_tokens, max_seqs,
+                              config.memory_centric, config.kv_threshold)
+    queue = LpmQueue(bm, config.lpm_window) if config.policy == "lpm" else FcfsQueue()
     sched = Scheduler(bm, queue, config.max_num_batched_tokens, max_seqs)
     for seq in seqs:
         sched.add(seq)

@@ -1,0 +1,107 @@
+"""The batchllm policy: runs a Plan group by group with KV-memory-bounded admission."""
+
+from __future__ import annotations
+
+from batchllm.planner import Plan
+from batchllm.scheduler.block_manager import BlockManager
+from batchllm.scheduler.groups import GroupState, PlanQueue, build_groups
+from batchllm.scheduler.scheduler import Scheduler, SchedulerOutput
+from batchllm.sequence import Sequence
+
+# NOTE: a group's prefix starts only if the pool can also hold this many of its members,
+# so admitted prefixes always have room to make progress (no deadlock).
+MEMBERS_WITH_PREFIX = 2
+
+
+class BatchScheduler(Scheduler):
+    """Design notes §2.3 and §3.2.
+
+    - A shared group's prefix is prefilled once by a prefill-only pseudo-sequence (chunked like
+      any prompt, never sampled); members join when it is complete, referencing its full blocks
+      and receiving a copy of its last partial block, and then compute only their own part.
+    - The prefix blocks are pinned until the group's last member finishes; preemption never
+      picks a prefix.
+    - With `memory_centric`, admission is bounded by KV memory, `used + reserve + need <=
+      threshold * pool` (reserve = blocks running sequences will still grow by, assuming they
+      produce `max_tokens`), not by a request cap.
+    """
+
+    def __init__(self, block_manager: BlockManager, plan: Plan, seqs: list[Sequence], max_num_batched_tokens: int,
+                 max_num_seqs: int | None, memory_centric: bool, kv_threshold: float) -> None:
+        self.groups = build_groups(plan, seqs)
+        super().__init__(block_manager, PlanQueue(self.groups), max_num_batched_tokens, max_num_seqs)
+        self.memory_centric = memory_centric
+        self.limit_blocks = int(kv_threshold * block_manager.num_blocks)
+        self._by_gid = {g.gid: g for g in self.groups}
+        self._check_fits()
+
+    # ---- memory rules -----------------------------------------------------------------------
+    def _final_blocks(self, seq: Sequence) -> int:
+        """Blocks `seq` holds when it has produced `max_tokens` (shared prefix blocks included)."""
+        return self.bm.blocks_for(seq.num_prompt_tokens + seq.params.max_tokens)
+
+    def _own_need(self, seq: Sequence, g: GroupState) -> int:
+        shared = g.prefix_len // self.bm.block_size if g.prefix is not None else 0
+        return self._final_blocks(seq) - shared
+
+    def _check_fits(self) -> None:
+        """Raise ValueError before running if some group's prefix plus one member cannot fit."""
+        for g in self.groups:
+            prefix = self.bm.blocks_for(g.prefix_len) if g.prefix is not None else 0
+            need = prefix + max(self._own_need(m, g) for m in g.members)
+            if need > self.bm.num_blocks:
+                raise ValueError(
+                    f"KV pool too small: group {g.gid} needs {need} blocks for its {g.prefix_len}-token "
+                    f"prefix plus one member, but the pool has {self.bm.num_blocks} blocks of "
+                    f"{self.bm.block_size} tokens; raise kv_cache_memory/num_kv_blocks or lower max_tokens"
+                )
+
+    def _reserve_blocks(self) -> int:
+        return sum(max(0, self._final_blocks(s) - len(s.block_table)) for s in self.running if not s.is_prefix)
+
+    def _admission_ok(self, seq: Sequence, n: int) -> bool:
+        if not self.memory_centric or not self.running:
+            return True  # the allocation itself decides (and an idle engine always admits)
+        g = self._by_gid.get(seq.group_id)
+        if seq.is_prefix:
+            members = sorted((self._own_need(m, g) for m in g.members))[:MEMBERS_WITH_PREFIX]
+            need = len(seq.block_table) + self.bm.blocks_for(seq.num_tokens) + sum(members)
+        else:
+            need = max(0, self._final_blocks(seq) - len(seq.block_table))
+        return self.bm.num_used_blocks + self._reserve_blocks() + need <= self.limit_blocks
+
+    # ---- group life cycle -------------------------------------------------------------------
+    def _preemptible(self, seq: Sequence) -> bool:
+        return not seq.is_prefix
+
+    def _admit_setup(self, seq: Sequence) -> list[tuple[int, int]] | None:
+        g = self._by_gid.get(seq.group_id)
+        if seq.is_prefix or g is None or g.prefix is None:
+            return []
+        bs = self.bm.block_size
+        full = g.prefix_len // bs
+        seq.block_table = g.prefix.block_table[:full]
+        self.bm.share(seq.block_table)
+        seq.num_shared_blocks = full
+        seq.num_computed_tokens = g.prefix_len
+        seq.num_cached_tokens = g.prefix_len
+        if g.prefix_len % bs == 0:
+            return []
+        if not self.bm.allocate(seq, 0):  # the member's own first block, receiving the partial one
+            self._admit_undo(seq)
+            return None
+        return [(g.prefix.block_table[full], seq.block_table[full])]
+
+    def after_step(self, out: SchedulerOutput) -> None:
+        for seq in out.seqs:
+            if seq.is_prefix and seq.num_computed_tokens == seq.num_tokens and seq in self.running:
+                self.running.remove(seq)  # complete: pinned, not scheduled any more
+
+    def finish(self, seq: Sequence) -> None:
+        super().finish(seq)
+        g = self._by_gid.get(seq.group_id)
+        if g is None:
+            return
+        g.alive -= 1
+        if g.alive == 0 and g.prefix is not None:
+            self.bm.free(g.prefix)
