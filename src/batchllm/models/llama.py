@@ -40,10 +40,13 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate x [tokens, heads, d] by its tokens' positions."""
-        cos = self.cos[positions].to(x.dtype)[:, None, :]
-        sin = self.sin[positions].to(x.dtype)[:, None, :]
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of the step's positions, [tokens, 1, d], computed once per step."""
+        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+
+    @staticmethod
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate x [tokens, heads, d] by the angles of its tokens."""
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
@@ -59,17 +62,17 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = self.d ** -0.5
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, kv: torch.Tensor,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: torch.Tensor,
                 meta: AttentionMetadata, backend: AttentionBackend, prepared: Any) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.h * self.d, self.kvh * self.d, self.kvh * self.d], dim=-1)
         q, k, v = q.view(n, self.h, self.d), k.view(n, self.kvh, self.d), v.view(n, self.kvh, self.d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q, positions), rotary(k, positions)
+        q, k = Rotary.rotate(q, *rope), Rotary.rotate(k, *rope)
         k_cache, v_cache = kv[0], kv[1]
-        k_cache[meta.slot_mapping] = k
-        v_cache[meta.slot_mapping] = v
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
         out = backend.forward(q, k_cache, v_cache, prepared, self.scale)
         return self.o_proj(out.reshape(n, self.h * self.d))
 
@@ -114,9 +117,9 @@ class CausalLM(nn.Module):
                 logits_rows: torch.Tensor) -> torch.Tensor:
         """Run the flat batch; return float32 logits of the rows in `logits_rows` only."""
         h = self.embed_tokens(input_ids)
+        rope = self.rotary.tables(positions, h.dtype)
         for i, layer in enumerate(self.layers):
-            a = layer.self_attn(layer.input_layernorm(h), positions, self.rotary, kv_cache[i], meta,
-                                backend, prepared)
+            a = layer.self_attn(layer.input_layernorm(h), rope, kv_cache[i], meta, backend, prepared)
             h = h + a
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         h = self.norm(h[logits_rows])

@@ -1,0 +1,130 @@
+"""Progress while a batch runs (tqdm on a terminal, plain log lines otherwise) and the final report."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+from batchllm.outputs import RunStats
+
+LOG_INTERVAL_S = 5.0
+
+
+def log(msg: str, stream: TextIO | None = None) -> None:
+    """One line on stderr, prefixed so it stands apart from library output."""
+    print(f"[batchllm] {msg}", file=stream or sys.stderr, flush=True)
+
+
+class Progress:
+    """Requests done/total, input and output tokens per second, prefix saving so far.
+
+    A tqdm bar when `stream` is a terminal, else a log line every `log_interval` seconds.
+    `tick` is cheap and may be called every engine step.
+    """
+
+    def __init__(self, total: int, done_before: int, stream: TextIO | None = None, tty: bool | None = None,
+                 log_interval: float = LOG_INTERVAL_S) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.total, self.done = total, done_before
+        self.start = time.monotonic()
+        self.prompt_tokens = self.cached_tokens = 0
+        self.out_tokens = 0
+        self._stats: RunStats | None = None
+        self._steps_seen = self._tokens_processed = 0
+        self._interval = log_interval
+        self._last = self.start
+        self.bar = tqdm(total=total, initial=done_before, desc="requests", unit="req", file=self.stream,
+                        dynamic_ncols=True, disable=not self.tty, smoothing=0.1) if self.tty else None
+
+    def request_done(self, prompt_tokens: int, cached_tokens: int) -> None:
+        self.done += 1
+        self.prompt_tokens += prompt_tokens
+        self.cached_tokens += cached_tokens
+        if self.bar is not None:
+            self.bar.update(1)
+        self.tick(self._stats)
+
+    def tick(self, stats: RunStats | None) -> None:
+        """Refresh from the live run statistics (rate-limited)."""
+        self._stats = stats
+        now = time.monotonic()
+        if now - self._last < (0.5 if self.tty else self._interval):
+            return
+        self._last = now
+        if self.bar is not None:
+            self.bar.set_postfix_str(self._rates(now), refresh=True)
+        else:
+            pct = 100.0 * self.done / self.total if self.total else 100.0
+            log(f"{self.done}/{self.total} requests ({pct:.1f}%) | {self._rates(now)} | "
+                f"elapsed {now - self.start:.0f} s", self.stream)
+
+    def _rates(self, now: float) -> str:
+        s = self._stats
+        out = 0
+        if s is not None:  # decode tokens processed so far, finished requests or not
+            new = s.tokens_per_step[self._steps_seen:]
+            self._steps_seen += len(new)
+            self._tokens_processed += sum(new)
+            out = max(s.output_tokens, self._tokens_processed - s.computed_prefill_tokens)
+        t = max(now - self.start, 1e-9)
+        saving = self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+        return f"in {self.prompt_tokens / t:,.0f} tok/s, out {out / t:,.0f} tok/s, prefix saving {saving:.1%}"
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@dataclass
+class Report:
+    """The end-of-job report (`--stats-json` writes `to_dict()`)."""
+
+    status: str  # "complete" | "interrupted" | "failed"
+    requests_in_file: int
+    ok: int
+    failed: int
+    ok_this_run: int
+    ok_before: int
+    failed_this_run: int
+    remaining: int
+    total_time_s: float
+    load_time_s: float
+    run: RunStats | None
+    files: dict[str, str] = field(default_factory=dict)
+    message: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("run")
+        run = self.run.to_dict() if self.run is not None else None
+        if run is not None:
+            run.pop("tokens_per_step", None)  # one entry per step: too long for a report
+        d["run"] = run
+        return d
+
+    def text(self) -> str:
+        lines = [f"batchllm run-batch: {self.status} in {self.total_time_s:.1f} s (model load {self.load_time_s:.1f} s)"]
+        if self.message:
+            lines.append(f"  {self.message}")
+        lines.append(f"  requests    {self.requests_in_file} in file: {self.ok} ok ({self.ok_this_run} this run, "
+                     f"{self.ok_before} before), {self.failed} failed, {self.remaining} not run yet")
+        s = self.run
+        if s is not None:
+            lines += [
+                f"  prompt      {s.logical_prefill_tokens:,} tokens logical, {s.computed_prefill_tokens:,} computed "
+                f"(prefix saving {s.saving:.1%})",
+                f"  output      {s.output_tokens:,} tokens",
+                f"  throughput  {s.tokens_per_second:,.0f} tok/s ({s.output_tokens_per_second:,.0f} output tok/s) "
+                f"over {s.wall_time_s:.2f} s, {s.steps} steps",
+                f"  KV cache    peak {s.peak_kv_tokens:,} tokens ({s.peak_kv_blocks}/{s.num_kv_blocks} blocks), "
+                f"{s.preemptions} preemptions",
+            ]
+        for name, path in self.files.items():
+            lines.append(f"  {name:<11} {path}")
+        return "\n".join(lines)

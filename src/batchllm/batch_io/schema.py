@@ -1,0 +1,110 @@
+"""Output records in the OpenAI Batch API shape (result lines and error lines).
+
+Ids are derived from the input file's hash and the line number, so a resumed job writes the
+same ids an uninterrupted one would. Result choices also carry vLLM's `stop_reason`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+from batchllm.outputs import CompletionOutput, RequestOutput
+from batchllm.tokenizer import Tokenizer
+
+from .requests import BatchRequest, ErrorRecord
+
+
+def _hex(*parts: object) -> str:
+    return hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:24]
+
+
+class RecordMaker:
+    """Builds result and error records for one input file and model."""
+
+    def __init__(self, input_sha256: str, model_name: str, tokenizer: Tokenizer | None,
+                 system_fingerprint: str | None = None) -> None:
+        self.sha = input_sha256
+        self.model = model_name
+        self.tok = tokenizer
+        self.fingerprint = system_fingerprint
+        self._token_text: dict[int, str] = {}
+
+    def _ids(self, line: int) -> tuple[str, str]:
+        return f"batch_req_{_hex(self.sha, line)}", f"req_{_hex(self.sha, line, 'request')}"
+
+    def error(self, err: ErrorRecord) -> dict[str, Any]:
+        """A 400 error line; `line` (1-based input line) lets resume and users find the input."""
+        rid, req = self._ids(err.line)
+        body = {"error": {"message": err.message, "type": "invalid_request_error", "param": err.param,
+                          "code": err.code}}
+        return {"id": rid, "custom_id": err.custom_id, "response": {"status_code": 400, "request_id": req,
+                                                                   "body": body}, "error": None, "line": err.line}
+
+    def result(self, req: BatchRequest, outputs: list[RequestOutput]) -> dict[str, Any]:
+        """A 200 result line: one output per prompt of `req` (chat: one)."""
+        rid, request_id = self._ids(req.line)
+        logprobs = req.params.logprobs
+        choices: list[dict[str, Any]] = []
+        prompt_tokens = cached = completion_tokens = 0
+        for k, out in enumerate(outputs):
+            prompt_tokens += len(out.prompt_token_ids)
+            cached += out.num_cached_tokens
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                completion_tokens += len(c.token_ids)
+                choice: dict[str, Any] = {"index": k * req.params.n + c.index}
+                if req.endpoint == "chat":
+                    choice["message"] = {"role": "assistant", "content": c.text, "refusal": None}
+                    choice["logprobs"] = self._chat_logprobs(c, logprobs) if logprobs is not None else None
+                else:
+                    choice["text"] = c.text
+                    choice["logprobs"] = self._completion_logprobs(c) if logprobs is not None else None
+                choice["finish_reason"] = c.finish_reason
+                choice["stop_reason"] = c.stop_reason
+                choices.append(choice)
+        chat = req.endpoint == "chat"
+        body = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{_hex(self.sha, req.line, 'body')}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": self.model,
+            "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens,
+                      "prompt_tokens_details": {"cached_tokens": cached}},
+            "system_fingerprint": self.fingerprint,
+        }
+        return {"id": rid, "custom_id": req.custom_id,
+                "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
+
+    def _text(self, token: int) -> str:
+        t = self._token_text.get(token)
+        if t is None:
+            assert self.tok is not None
+            t = self._token_text[token] = self.tok.decode([token], skip_special_tokens=False)
+        return t
+
+    def _completion_logprobs(self, c: CompletionOutput) -> dict[str, Any]:
+        """/v1/completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+        tokens, token_lps, tops, offsets = [], [], [], []
+        offset = 0
+        for tid, d in zip(c.token_ids, c.logprobs or []):
+            s = self._text(tid)
+            tokens.append(s)
+            token_lps.append(d.get(tid))
+            tops.append({self._text(t): lp for t, lp in sorted(d.items(), key=lambda kv: -kv[1])})
+            offsets.append(offset)
+            offset += len(s)
+        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+    def _chat_logprobs(self, c: CompletionOutput, top: int) -> dict[str, Any]:
+        """/v1/chat/completions logprobs: content = [{token, logprob, bytes, top_logprobs}]."""
+        content = []
+        for tid, d in zip(c.token_ids, c.logprobs or []):
+            s = self._text(tid)
+            best = sorted(d.items(), key=lambda kv: -kv[1])[:top]
+            content.append({"token": s, "logprob": d.get(tid), "bytes": list(s.encode()),
+                            "top_logprobs": [{"token": self._text(t), "logprob": lp,
+                                              "bytes": list(self._text(t).encode())} for t, lp in best]})
+        return {"content": content, "refusal": None}

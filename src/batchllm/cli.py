@@ -1,0 +1,190 @@
+"""The `batchllm` command: run-batch, plan, demo, make-tiny-model (also `python -m batchllm`).
+
+Exit codes: 0 success (invalid input lines are error records, not failures); 1 engine or
+internal failure; 2 usage error or refusal (OUT exists without --resume/--overwrite, resume
+mismatch, bad flag); 130 interrupted by SIGINT/SIGTERM (finished results are kept; --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from batchllm import __version__
+from batchllm.config import POLICIES, EngineConfig
+
+from batchllm.batch_io.job import EXIT_FAILURE, EXIT_USAGE, JobOptions, run_batch
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "2147483648", "2GiB", "512MiB", "1.5G", "4e9"."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 2GiB, 512MiB, 4e9)")
+    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return value
+
+
+def _engine_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine (vLLM spellings; unset = engine default)")
+    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="default: the checkpoint's")
+    g.add_argument("--max-model-len", type=int, metavar="N", help="context limit (default: the model's)")
+    g.add_argument("--max-num-seqs", type=int, metavar="N", help="running-sequence cap (default: policy's)")
+    g.add_argument("--max-num-batched-tokens", type=int, metavar="N", help="tokens per step (default 2048)")
+    g.add_argument("--block-size", type=int, metavar="N", help="KV block size in tokens (default 16)")
+    g.add_argument("--seed", type=int, help="engine seed for unseeded sampled requests (default 0)")
+    g.add_argument("--kv-cache-memory", type=parse_size, metavar="SIZE", help="KV pool size, e.g. 4GiB (default 2GiB)")
+    g.add_argument("--num-kv-blocks", type=int, metavar="N", help="KV pool size in blocks (overrides --kv-cache-memory)")
+    g.add_argument("--policy", choices=POLICIES, help="scheduling policy (default batchllm)")
+    g.add_argument("--attention", choices=("auto", "reference", "prefix-shared"), help="attention backend")
+    g.add_argument("--device", help="torch device (default cpu)")
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "seed",
+             "kv_cache_memory", "num_kv_blocks", "policy", "attention", "device")
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="batchllm", description="Offline batch LLM inference with global prefix sharing.",
+                                 epilog="Start with: batchllm demo")
+    ap.add_argument("--version", action="version", version=f"batchllm {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    rb = sub.add_parser("run-batch", help="run an OpenAI batch file (JSONL) and write results as they finish",
+                        description="Run every request of IN (OpenAI Batch API lines, or lines with just prompt/"
+                        "messages) and append one OpenAI-shaped result line per request to OUT as it finishes. "
+                        "Invalid lines become status-400 records in the error file; the rest runs. A manifest "
+                        "(OUT.manifest.json) records the input hash, model and settings so --resume can check them. "
+                        "Defaults: completions max_tokens 16 and temperature 1 (as OpenAI); chat without max_tokens "
+                        "may use the rest of the context: min(max_model_len, KV pool) - prompt tokens.",
+                        epilog="Exit codes: 0 done (even with invalid lines), 1 engine failure, 2 usage error or "
+                        "refusal, 130 interrupted (resume with --resume).")
+    rb.add_argument("-i", "--input", required=True, type=Path, metavar="IN.jsonl")
+    rb.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.jsonl")
+    rb.add_argument("--model", required=True, metavar="PATH", help="local Hugging Face model folder")
+    rb.add_argument("--error-file", type=Path, metavar="PATH", help="error records (default OUT.errors.jsonl)")
+    mode = rb.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true",
+                      help="continue a job: skip every request already in OUT or the error file")
+    mode.add_argument("--overwrite", action="store_true", help="delete OUT, its error file and manifest first")
+    rb.add_argument("--stats-json", type=Path, metavar="PATH", help="also write the final report as JSON")
+    rb.add_argument("--log-interval", type=float, default=5.0, metavar="S",
+                    help="seconds between progress lines when stderr is not a terminal (default 5)")
+    _engine_flags(rb)
+
+    pl = sub.add_parser("plan", help="tokenize and plan a batch file without running the model",
+                        description="Parse and tokenize IN like run-batch (without loading weights), then print the "
+                        "prefix-sharing plan: requests, logical vs planned prefill tokens, saving, the multi-level "
+                        "optimum, groups and share degrees, and the expected KV need.")
+    pl.add_argument("-i", "--input", required=True, type=Path, metavar="IN.jsonl")
+    pl.add_argument("--model", required=True, metavar="PATH")
+    pl.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    _engine_flags(pl)
+
+    de = sub.add_parser("demo", help="run a sample batch on a tiny random model and print the report",
+                        description="Build a tiny random Llama model in the cache ($BATCHLLM_CACHE or "
+                        "~/.cache/batchllm) if needed, write a 48-line sample batch with shared prefixes (and two bad "
+                        "lines), run it and print the report.")
+    de.add_argument("--out-dir", type=Path, default=Path("batchllm-demo"), help="where the files go (./batchllm-demo)")
+    de.add_argument("--model", metavar="PATH", help="use this model folder instead of the tiny random one")
+    de.add_argument("--shape", default="tiny", help=argparse.SUPPRESS)
+
+    mk = sub.add_parser("make-tiny-model", help="write a small random Hugging Face-style model folder",
+                        description="Write a loadable model folder with random weights (for tests and demos).")
+    mk.add_argument("path", type=Path, metavar="PATH")
+    mk.add_argument("--arch", choices=("llama", "qwen2", "mistral", "qwen3"), default="llama")
+    mk.add_argument("--shape", choices=("tiny", "small", "test"), default="tiny",
+                    help="tiny (8 layers x 512), small (16 x 1024) or test (2 x 64)")
+    mk.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16")
+    mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--force", action="store_true", help="write into PATH even if it is not empty")
+    return ap
+
+
+def _resume_command(argv: Sequence[str]) -> str:
+    args = [a for a in argv if a != "--overwrite"]
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["batchllm", *args])
+
+
+def _cmd_run_batch(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    return run_batch(JobOptions(
+        input=args.input, output=args.output, model=args.model, engine_kwargs=_engine_kwargs(args),
+        error_file=args.error_file, resume=args.resume, overwrite=args.overwrite, stats_json=args.stats_json,
+        resume_command=_resume_command(argv), log_interval=args.log_interval))
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from batchllm.batch_io.planning import plan_file
+
+    if not args.input.is_file():
+        return _usage(f"input file {str(args.input)!r} does not exist", "plan")
+    try:
+        cfg = EngineConfig.from_kwargs(args.model, **_engine_kwargs(args))
+        report = plan_file(args.input, cfg)
+    except (ValueError, TypeError, OSError) as e:  # bad settings or model folder
+        return _usage(str(e), "plan")
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.text())
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from batchllm.batch_io.demo import run_demo
+
+    if args.model and not Path(args.model).is_dir():
+        return _usage(f"model folder {args.model!r} does not exist", "demo")
+    return run_demo(args.out_dir, args.model, args.shape)
+
+
+def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from batchllm.testing import make_tiny_model
+
+    if args.path.exists() and (not args.path.is_dir() or any(args.path.iterdir())) and not args.force:
+        return _usage(f"{args.path} exists and is not an empty folder (use --force to write into it)",
+                      "make-tiny-model")
+    path = make_tiny_model(args.path, arch=args.arch, shape=args.shape, dtype=args.dtype, seed=args.seed)
+    size = sum(f.stat().st_size for f in path.iterdir())
+    print(f"wrote a random {args.arch} model ({args.shape}, {args.dtype}, {size / 2**20:.1f} MiB) to {path}")
+    return 0
+
+
+def _usage(message: str, command: str) -> int:
+    print(f"batchllm {command}: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `batchllm` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run-batch":
+            return _cmd_run_batch(args, argv)
+        if args.command == "plan":
+            return _cmd_plan(args)
+        if args.command == "demo":
+            return _cmd_demo(args)
+        return _cmd_make_tiny_model(args)
+    except KeyboardInterrupt:
+        print("batchllm: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `batchllm plan ... | head`
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
