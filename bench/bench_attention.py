@@ -88,6 +88,25 @@ def spread(xs: list[float]) -> float:
     return (q[2] - q[0]) / q[1]
 
 
+def cpu_stall_us() -> float:
+    """Microseconds some task waited for a CPU (Linux PSI); NaN where unavailable."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return float(f.readline().rsplit("total=", 1)[1])
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float = 0.2, window_s: float = 0.5) -> None:
+    """Sleep until a `window_s` window with CPU stall share below `threshold` (at most `max_wait_s`)."""
+    deadline = time.perf_counter() + max_wait_s
+    while time.perf_counter() < deadline:
+        s0 = cpu_stall_us()
+        time.sleep(window_s)
+        if not (cpu_stall_us() - s0) / 1e6 / window_s >= threshold:  # NaN (no PSI) counts as quiet
+            return
+
+
 def run_case(groups: int, members: int, prefix: int, dtype: torch.dtype, args: argparse.Namespace) -> dict:
     meta, nblocks = decode_step(groups, members, prefix, args.own, args.block_size)
     gen = torch.Generator().manual_seed(0)
@@ -102,7 +121,11 @@ def run_case(groups: int, members: int, prefix: int, dtype: torch.dtype, args: a
     preps = {n: be.prepare(meta) for n, be in backends.items()}
     fwd = {n: (lambda be=be, p=preps[n]: be.forward(q, k, v, p, d ** -0.5)) for n, be in backends.items()}
     prep_t = paired_times({n: (lambda be=be: be.prepare(meta)) for n, be in backends.items()}, 5, 1, 0.005)
+    wait_for_quiet(args.max_wait)
+    stall0, t0 = cpu_stall_us(), time.perf_counter()
     times = paired_times(fwd, args.repeats, args.warmup, args.sample_s)
+    # NOTE: share of the time other tasks waited for a core while we measured: a load indicator.
+    row["stall"] = (cpu_stall_us() - stall0) / 1e6 / (time.perf_counter() - t0)
     for n in backends:
         path = "reference" if n == "ref" else "prefix-shared"
         row[f"{n}_prep_ms"] = statistics.median(prep_t[n]) * 1e3
@@ -120,7 +143,7 @@ COLS = [("G", "{:>3}"), ("m", "{:>3}"), ("L", "{:>5}"), ("dtype", "{:>8}"), ("re
         ("ps_ms", "{:>8.3f}"), ("speedup", "{:>7.2f}"), ("ref_MB", "{:>8.2f}"), ("ps_MB", "{:>7.2f}"),
         ("ref_GBs", "{:>7.1f}"), ("ps_GBs", "{:>7.1f}"), ("ref_prep_ms", "{:>11.3f}"),
         ("ps_prep_ms", "{:>10.3f}"), ("auto", "{:>13}"), ("max_err", "{:>8.1e}"),
-        ("spread", "{:>6.0%}")]
+        ("spread", "{:>6.0%}"), ("stall", "{:>6.0%}"), ("sp_min", "{:>6.2f}"), ("sp_max", "{:>6.2f}")]
 
 
 def print_row(r: dict, header: bool = False) -> None:
@@ -145,6 +168,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sweep", action="store_true", help="m in {1,2,4,8,16,32} x L in {64,256,1000}")
+    ap.add_argument("--max-wait", type=float, default=20.0,
+                    help="seconds to wait for a quiet CPU (other jobs) before each case")
+    ap.add_argument("--rounds", type=int, default=1, help="run all cases this many times; report medians")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtypes = [DTYPES[s] for s in args.dtypes.split(",")]
@@ -155,9 +181,33 @@ def main() -> None:
     print(f"# decode, heads={args.heads} kv_heads={args.kv_heads} d={args.head_dim} own={args.own} "
           f"block={args.block_size} threads={args.threads}; ms per forward (one layer), median of "
           f"{args.repeats} interleaved samples; speedup = median of paired ref/ps ratios; MB = KV bytes "
-          f"read per layer-step; GB/s = MB / time; spread = worst (p75-p25)/median of the two (noise)")
-    for n, (g, m, L, dt) in enumerate(cases):
-        print_row(run_case(g, m, L, dt, args), header=n == 0)
+          f"read per layer-step; GB/s = MB / time; spread = worst (p75-p25)/median of the two (noise); "
+          f"stall = share of time other tasks waited for a core (load); sp_min/max = speedup range "
+          f"over {args.rounds} round(s), each field is the median over rounds")
+    # NOTE: rounds go over the whole case list, so a burst of background load hits one round of a
+    # case, not all of them; the median over rounds then drops it.
+    results: list[list[dict]] = [[] for _ in cases]
+    for rnd in range(args.rounds):
+        for n, (g, m, L, dt) in enumerate(cases):
+            results[n].append(run_case(g, m, L, dt, args))
+            if args.rounds > 1:
+                print(f"# round {rnd + 1}/{args.rounds} case {n + 1}/{len(cases)}", file=sys.stderr, flush=True)
+            else:
+                print_row(summarize(results[n]), header=n == 0)
+    if args.rounds > 1:
+        for n, rs in enumerate(results):
+            print_row(summarize(rs), header=n == 0)
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Median over rounds of every numeric field, plus the speedup's range."""
+    out = dict(rows[0])
+    for key, val in rows[0].items():
+        if isinstance(val, float):
+            out[key] = statistics.median(r[key] for r in rows)
+    out["sp_min"] = min(r["speedup"] for r in rows)
+    out["sp_max"] = max(r["speedup"] for r in rows)
+    return out
 
 
 if __name__ == "__main__":

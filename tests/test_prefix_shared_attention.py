@@ -176,3 +176,21 @@ def test_kv_bytes_read_counts_prefix_once() -> None:
     assert shared == (40 + 4 * 3 + 7) * 20
     with pytest.raises(ValueError):
         kv_bytes_read(meta, "other", 1, 1)
+
+
+def test_row_pieces_and_identity_maps(monkeypatch: pytest.MonkeyPatch) -> None:
+    import batchllm.attention.prefix_shared as ps
+
+    monkeypatch.setattr(ps, "MAX_ROWS", 3)  # cut groups' stacked rows and prefill chunks into pieces
+    rng = random.Random(7)
+    meta = make_step(rng, [(3, [(9, 7), (5, 1), (4, 4)]), (2, [(2, 1)] * 5)], [(11, 8), (6, 1)], bs=4)
+    compare(meta, 8, 2, 16, torch.float32, seed=7)
+    assert kv_bytes_read(meta, "prefix-shared", 1, 1) == sum(meta.context_lens) - (3 - 4) * 12 - (5 - 2) * 8
+    monkeypatch.setattr(ps, "MAX_ROWS", 512)
+    # Decode-only step, one group in row order: no row gather/scatter at all.
+    meta = build_metadata([1] * 6, [8 + i for i in range(6)], [[1, 2] + [3 + i, 9 + i] for i in range(6)], 4, CPU,
+                          shared_lens=[8] * 6, group_ids=[0] * 6)
+    meta.num_blocks = 16
+    prep = PrefixSharedAttention().prepare(meta)
+    assert prep.decode_rows is None and prep.buckets[0].dst is None and prep.buckets[0].src is None
+    compare(meta, 8, 2, 16, torch.float32, seed=8)

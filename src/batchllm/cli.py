@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--arch", choices=("llama", "qwen2", "mistral", "qwen3"), default="llama")
     mk.add_argument("--shape", choices=("tiny", "small", "test"), default="tiny",
                     help="tiny (8 layers x 512), small (16 x 1024) or test (2 x 64)")
-    mk.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16")
+    mk.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     mk.add_argument("--seed", type=int, default=0)
     mk.add_argument("--force", action="store_true", help="write into PATH even if it is not empty")
     return ap

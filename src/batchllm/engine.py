@@ -79,6 +79,7 @@ class Engine:
                 raise RuntimeError("scheduler produced an empty step with work left (KV pool too small?)")
             stats.peak_kv_blocks = max(stats.peak_kv_blocks, sched.bm.num_used_blocks)
             logits, row_seqs = self.runner.run(out)
+            stats.prefix_shared_attention_steps += self.runner.last_path == "prefix-shared"
             for seq, n in zip(out.seqs, out.num_tokens):
                 seq.num_computed_tokens += n
             sched.after_step(out)

@@ -44,6 +44,7 @@ class RunStats:
     num_kv_blocks: int = 0
     block_size: int = 0
     preemptions: int = 0
+    prefix_shared_attention_steps: int = 0
     # Blocks still referenced when the run ended (0 after a complete run: nothing leaked).
     kv_blocks_in_use_at_end: int = 0
     wall_time_s: float = 0.0

@@ -27,19 +27,24 @@ MIN_SAVED_TOKENS = 1536
 # op count per layer is bounded no matter how many groups the step has.
 BUCKET_SLACK = 2.0
 MAX_BUCKETS = 4
+# NOTE: attend materialises fp32 scores [rows x heads x KV]; query rows are cut into pieces of at
+# most MAX_ROWS (a group's stacked rows, a prefill chunk) to bound memory (512 x 8 heads x 4096 KV
+# = 64 MiB). Decode groups (one row per member) never get cut.
+MAX_ROWS = 512
 
 
 @dataclass
 class GroupBucket:
     """Groups padded to a common shape: `rows` [G, R] flat query rows (padding: 0), `blocks`
     [G, P] prefix blocks (padding: null block 0), `valid` [G, 1, 1, P*bs] (None: no padding),
-    `src` indices into the flattened [G*R] rows that are real, `dst` their flat rows."""
+    `src` the real entries of the flattened [G*R] rows (None: all), `dst` their flat rows (None:
+    exactly 0..num_tokens-1, i.e. this bucket covers the whole step in order)."""
 
     rows: torch.Tensor
     blocks: torch.Tensor
     valid: torch.Tensor | None
-    src: torch.Tensor
-    dst: torch.Tensor
+    src: torch.Tensor | None
+    dst: torch.Tensor | None
 
 
 @dataclass
@@ -47,7 +52,8 @@ class PrefixSharedPrepared:
     """Index tensors of one step for `PrefixSharedAttention.forward`."""
 
     buckets: list[GroupBucket]
-    decode_rows: torch.Tensor  # [Bd] flat rows of decode queries
+    decode_rows: torch.Tensor | None  # [Bd] flat rows of decode queries (None: all rows, in order)
+    num_decodes: int
     decode_blocks: torch.Tensor  # [Bd, nb] own-part blocks (from shared_len on)
     decode_valid: torch.Tensor | None  # [Bd, 1, 1, nb*bs]
     prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]]  # (row start, q len, own blocks, mask [n, T])
@@ -85,13 +91,14 @@ def _bucketize(items: list[tuple[int, int, Any]]) -> list[list[tuple[int, int, A
 def merge_attention(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
     """Merge two partial attentions (o [..., d], lse [...]) stably; an lse of -inf is an empty part.
 
-    Returns float32. Rows where both parts are empty get 0.
+    Returns float32; rows where both parts are empty get 0 (empty parts have o = 0).
+    NOTE: with m = max(lse1, lse2), the weight of part 1, e^{lse1-m} / (e^{lse1-m} + e^{lse2-m}),
+    is exactly sigmoid(lse1 - lse2): same stable formula in fewer ops. -inf - x gives weight 0,
+    x - -inf weight 1 (exact no-op merges); -inf - -inf = NaN is mapped to 0.
     """
-    m = torch.maximum(lse1, lse2).nan_to_num(neginf=0.0)  # NOTE: -inf max would give inf-inf = NaN
-    w1 = torch.exp(lse1 - m).unsqueeze(-1)
-    w2 = torch.exp(lse2 - m).unsqueeze(-1)
-    den = (w1 + w2).clamp_min(torch.finfo(torch.float32).tiny)
-    return (w1 * o1.float() + w2 * o2.float()) / den
+    w = torch.sigmoid((lse1 - lse2).nan_to_num(nan=0.0)).unsqueeze(-1)
+    o2 = o2.float()
+    return o2 + w * (o1.float() - o2)
 
 
 class PrefixSharedAttention:
@@ -105,25 +112,31 @@ class PrefixSharedAttention:
         items = []
         for blocks, members in _groups(meta).items():
             rows = [r for i in members for r in range(meta.query_starts[i], meta.query_starts[i] + meta.query_lens[i])]
-            items.append((len(rows), len(blocks), (blocks, rows)))
+            for c in range(0, len(rows), MAX_ROWS):
+                piece = rows[c:c + MAX_ROWS]
+                items.append((len(piece), len(blocks), (blocks, piece)))
             for i in members:
                 shared[i] = meta.shared_lens[i]
         buckets = []
+        # NOTE: identity index maps are stored as None so forward skips the gather/scatter ops.
+        everything = list(range(meta.num_tokens))
         for b in _bucketize(items):
             n_rows, n_blocks = max(t[0] for t in b), max(t[1] for t in b)
             rows = torch.zeros(len(b), n_rows, dtype=torch.long)
             blocks = torch.zeros(len(b), n_blocks, dtype=torch.long)
-            plen = torch.tensor([t[1] * bs for t in b])
-            src = []
+            src, dst = [], []
             for j, (nr, nb, (bl, rw)) in enumerate(b):
                 rows[j, :nr] = torch.tensor(rw)
                 blocks[j, :nb] = torch.tensor(bl)
                 src.extend(range(j * n_rows, j * n_rows + nr))
+                dst.extend(rw)
+            plen = torch.tensor([t[1] * bs for t in b])
             valid = None
             if bool((plen < n_blocks * bs).any()):
                 valid = (torch.arange(n_blocks * bs)[None, :] < plen[:, None])[:, None, None, :].to(dev)
-            real = torch.tensor(src, dtype=torch.long)
-            buckets.append(GroupBucket(rows.to(dev), blocks.to(dev), valid, real.to(dev), rows.flatten()[real].to(dev)))
+            src_t = None if len(src) == rows.numel() else torch.tensor(src, dtype=torch.long, device=dev)
+            dst_t = None if dst == everything else torch.tensor(dst, dtype=torch.long, device=dev)
+            buckets.append(GroupBucket(rows.to(dev), blocks.to(dev), valid, src_t, dst_t))
         # Own parts: positions shared .. ctx, always non-empty (a query sits at >= shared).
         own_blocks = [meta.block_tables[i][shared[i] // bs: -(-meta.context_lens[i] // bs)] for i in range(meta.num_seqs)]
         own_lens = [meta.context_lens[i] - shared[i] for i in range(meta.num_seqs)]
@@ -138,14 +151,17 @@ class PrefixSharedAttention:
             dvalid = (torch.arange(nb * bs)[None, :] < dlens[:, None])[:, None, None, :].to(dev)
         prefills = []
         for i, n in enumerate(meta.query_lens):
-            if n > 1:
-                t = own_lens[i]
-                # query j sits at own position t - n + j and sees own positions 0 .. t - n + j
-                mask = torch.arange(t)[None, :] <= torch.arange(t - n, t)[:, None]
-                bt = torch.tensor(own_blocks[i], dtype=torch.long, device=dev)
-                prefills.append((meta.query_starts[i], n, bt, mask.to(dev)))
-        drows = torch.tensor([meta.query_starts[i] for i in decode], dtype=torch.long, device=dev)
-        return PrefixSharedPrepared(buckets, drows, dblocks.to(dev), dvalid, prefills, bs)
+            for c in range(0, n if n > 1 else 0, MAX_ROWS):
+                # Piece c .. c+nc of the chunk: its queries sit at own positions t-nc .. t-1 and
+                # query j sees own positions 0 .. t-nc+j, so it needs own KV 0 .. t-1 only.
+                nc = min(MAX_ROWS, n - c)
+                t = own_lens[i] - n + c + nc
+                mask = torch.arange(t)[None, :] <= torch.arange(t - nc, t)[:, None]
+                bt = torch.tensor(own_blocks[i][: -(-t // bs)], dtype=torch.long, device=dev)
+                prefills.append((meta.query_starts[i] + c, nc, bt, mask.to(dev)))
+        drows = [meta.query_starts[i] for i in decode]
+        drows_t = None if drows == everything else torch.tensor(drows, dtype=torch.long, device=dev)
+        return PrefixSharedPrepared(buckets, drows_t, len(decode), dblocks.to(dev), dvalid, prefills, bs)
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 prepared: PrefixSharedPrepared, scale: float) -> torch.Tensor:
@@ -154,16 +170,14 @@ class PrefixSharedAttention:
         kvh = k_cache.shape[1]
         g = heads // kvh
         p, bs = prepared, prepared.block_size
-        # Own part first, written straight into (o_own, lse_own).
-        o_own = torch.empty_like(q)
-        lse_own = torch.empty(n_tok, heads, dtype=torch.float32, device=q.device)
-        if p.decode_rows.numel():
-            b = p.decode_rows.numel()
-            k = gather_kv(k_cache, p.decode_blocks, bs).transpose(1, 2)  # [B, kvh, T, d]
-            v = gather_kv(v_cache, p.decode_blocks, bs).transpose(1, 2)
-            o, lse = attend(q[p.decode_rows].view(b, kvh, g, d), k, v, p.decode_valid, scale)
-            o_own[p.decode_rows] = o.reshape(b, heads, d)
-            lse_own[p.decode_rows] = lse.reshape(b, heads)
+        # Own part first, into (o_own, lse_own).
+        if p.decode_rows is None:  # decode-only step: no gather/scatter of rows
+            o_own, lse_own = self._decode_own(q, k_cache, v_cache, p, scale)
+        else:
+            o_own = torch.empty_like(q)
+            lse_own = torch.empty(n_tok, heads, dtype=torch.float32, device=q.device)
+            if p.num_decodes:
+                o_own[p.decode_rows], lse_own[p.decode_rows] = self._decode_own(q[p.decode_rows], k_cache, v_cache, p, scale)
         for start, n, bt, mask in p.prefills:
             t = mask.shape[1]
             # NOTE: q as [kvh, g, n, d] against k [kvh, 1, T, d]: the mask [n, T] broadcasts, no g fold needed.
@@ -173,11 +187,9 @@ class PrefixSharedAttention:
             o, lse = attend(qp, k, v, mask, scale)  # [kvh, g, n, d], [kvh, g, n]
             o_own[start:start + n] = o.permute(2, 0, 1, 3).reshape(n, heads, d)
             lse_own[start:start + n] = lse.permute(2, 0, 1).reshape(n, heads)
-        if not p.buckets:
-            return o_own
-        # Prefix part: one batched pass per bucket; the group's prefix KV is gathered once.
-        o_pre = torch.zeros_like(q)
-        lse_pre = torch.full((n_tok, heads), float("-inf"), dtype=torch.float32, device=q.device)
+        # Prefix part: one batched pass per bucket, each group's prefix KV gathered once, then merged
+        # into the own part's rows (ungrouped rows keep their own-part result untouched).
+        out = o_own
         for bk in p.buckets:
             gn, r = bk.rows.shape
             qg = q[bk.rows].view(gn, r, kvh, g, d).permute(0, 2, 1, 3, 4).reshape(gn, kvh, r * g, d)
@@ -186,9 +198,23 @@ class PrefixSharedAttention:
             o, lse = attend(qg, k, v, bk.valid, scale)  # [G, kvh, R*g, d], [G, kvh, R*g]
             o = o.view(gn, kvh, r, g, d).permute(0, 2, 1, 3, 4).reshape(gn * r, heads, d)
             lse = lse.view(gn, kvh, r, g).permute(0, 2, 1, 3).reshape(gn * r, heads)
-            o_pre[bk.dst] = o[bk.src]
-            lse_pre[bk.dst] = lse[bk.src]
-        return merge_attention(o_pre, lse_pre, o_own, lse_own).to(q.dtype)
+            if bk.src is not None:
+                o, lse = o[bk.src], lse[bk.src]
+            if bk.dst is None:
+                return merge_attention(o, lse, o_own, lse_own).to(q.dtype)
+            out[bk.dst] = merge_attention(o, lse, o_own[bk.dst], lse_own[bk.dst]).to(q.dtype)
+        return out
+
+    @staticmethod
+    def _decode_own(qd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p: PrefixSharedPrepared,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Own-part attention of the decode queries `qd` [Bd, H, d] -> ([Bd, H, d], lse [Bd, H])."""
+        b, heads, d = qd.shape
+        kvh = k_cache.shape[1]
+        k = gather_kv(k_cache, p.decode_blocks, p.block_size).transpose(1, 2)  # [B, kvh, T, d]
+        v = gather_kv(v_cache, p.decode_blocks, p.block_size).transpose(1, 2)
+        o, lse = attend(qd.view(b, kvh, heads // kvh, d), k, v, p.decode_valid, scale)
+        return o.reshape(b, heads, d), lse.reshape(b, heads)
 
 
 def should_share(meta: AttentionMetadata) -> bool:
@@ -208,13 +234,15 @@ def select_backend(meta: AttentionMetadata) -> str:
 def kv_bytes_read(meta: AttentionMetadata, path: str, num_layers: int, bytes_per_token_per_layer: int) -> int:
     """KV bytes one step reads on `path` (real tokens only; padding to the null block not counted).
 
-    reference: every sequence reads its whole context. prefix-shared: each group prefix once,
-    plus every sequence's own part.
+    reference: every sequence reads its whole context. prefix-shared: each group prefix once
+    (once per MAX_ROWS stacked query rows, which only prefill-heavy groups exceed), plus every
+    sequence's own part.
     """
     tokens = sum(meta.context_lens)
     if path == "prefix-shared":
         for blocks, members in _groups(meta).items():
-            tokens -= (len(members) - 1) * len(blocks) * meta.block_size
+            reads = -(-sum(meta.query_lens[i] for i in members) // MAX_ROWS)
+            tokens -= (len(members) - reads) * len(blocks) * meta.block_size
     elif path != "reference":
         raise ValueError(f"unknown path {path!r}")
     return tokens * num_layers * bytes_per_token_per_layer

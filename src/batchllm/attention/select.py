@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from batchllm.attention.backend import AttentionBackend
-from batchllm.attention.reference import ReferenceAttention
+from batchllm.attention.prefix_shared import AutoAttention
 
 
 def make_backend(mode: str) -> AttentionBackend:
-    """`reference` | `prefix-shared` | `auto` (prefix-shared where sharing pays off)."""
-    return ReferenceAttention()
+    """`reference` | `prefix-shared` | `auto` (prefix-shared in steps where sharing pays off)."""
+    return AutoAttention(mode)  # type: ignore[arg-type]

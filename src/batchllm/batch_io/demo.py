@@ -57,17 +57,17 @@ def sample_lines(seed: int = 0) -> list[str]:
 
     lines: list[dict[str, Any]] = []
     for d in range(6):
-        doc = "\n".join(text(24) for _ in range(10))
+        doc = "\n".join(text(20) for _ in range(6))
         for q in range(7):
             lines.append({"custom_id": f"doc{d}-q{q}", "method": "POST", "url": "/v1/completions",
                           "body": {"model": "tiny", "prompt": f"Document {d}:\n{doc}\n\nQuestion: {text(8)}\nAnswer:",
-                                   "max_tokens": 16, "temperature": 0}})
+                                   "max_tokens": 12, "temperature": 0}})
     for k, system in enumerate(["You are a careful assistant. " + text(40), "You answer in one line. " + text(40)]):
         for j in range(2):
             lines.append({"custom_id": f"chat{k}-{j}", "method": "POST", "url": "/v1/chat/completions",
                           "body": {"messages": [{"role": "system", "content": system},
                                                 {"role": "user", "content": text(10)}],
-                                   "max_completion_tokens": 16, "temperature": 0}})
+                                   "max_completion_tokens": 12, "temperature": 0}})
     raw = [json.dumps(line) for line in lines]
     raw.insert(10, '{"custom_id": "broken", "method": "POST", "url": "/v1/completions", "body": {"prompt": "cut off')
     raw.append(json.dumps({"custom_id": "too-hot", "method": "POST", "url": "/v1/completions",

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 from batchllm.config import EngineConfig
 
 from .manifest import Manifest, model_fingerprint
-from .prepare import Prepared, effective_dtype, limits_of_config, limits_of_llm, prepare, units_of
+from .prepare import Prepared, effective_dtype, limits_of_config, limits_of_llm, paused_gc, prepare, units_of
 from .progress import Progress, Report, log
 from .requests import parse_file
 from .schema import RecordMaker
@@ -139,7 +139,8 @@ class _Job:
             dtype = effective_dtype(self.cfg)
         except (ValueError, TypeError, OSError) as e:  # ModelFolderError is a ValueError
             raise UsageError(str(e)) from e
-        self.parsed = parse_file(o.input)
+        with paused_gc():
+            self.parsed = parse_file(o.input)
         this = Manifest(
             input_path=str(o.input.resolve()), input_sha256=self.parsed.sha256,
             model_path=str(Path(o.model).resolve()), model_fingerprint=model_fingerprint(o.model),
@@ -203,6 +204,7 @@ class _Job:
         sig = _Signals(self.stream)
         progress: Progress | None = None
         writers: list[JsonlWriter] = []
+        phase, manifest_saved = "model load failed", False
         with sig:
             try:
                 log(f"loading {o.model} ...", self.stream)
@@ -210,13 +212,17 @@ class _Job:
 
                 llm = LLM(o.model, **o.engine_kwargs)
                 load_s = time.monotonic() - self.t0
+                phase = "failure while preparing requests"
                 limits = limits_of_llm(llm)
                 max_context = (old.settings.get("max_context") if old is not None else None) or limits.max_context
                 manifest.settings["max_context"] = max_context
-                prepared, bad = prepare(p.requests, llm.tokenizer, limits, llm.validate, self.cfg.seed, max_context)
+                with paused_gc():
+                    prepared, bad = prepare(p.requests, llm.tokenizer, limits, llm.validate, self.cfg.seed,
+                                            max_context)
                 errors = sorted(p.errors + bad, key=lambda e: e.line)
                 manifest.runs.append(run_entry)
                 manifest.save(o.manifest_path)
+                manifest_saved = True
                 maker = RecordMaker(p.sha256, o.model, llm.tokenizer, f"fp_{this.model_fingerprint[:10]}")
                 out_w, err_w = JsonlWriter(o.output), JsonlWriter(o.errors_path)
                 writers += [out_w, err_w]
@@ -235,10 +241,9 @@ class _Job:
                     log("every request is already done", self.stream)
                 elif not prepared:
                     log("no valid request in the input", self.stream)
-                ok_run = len(todo)
                 if todo:
+                    phase = "engine failure"
                     progress = Progress(len(todo) + len(done_ids), len(done_ids), self.stream, o.tty, o.log_interval)
-                    ok_run = 0
                     for req_out in self._generate(llm, todo, sig, progress):
                         out_w.write(maker.result(*req_out))
                         ok_run += 1
@@ -250,7 +255,7 @@ class _Job:
                 status = "interrupted"
                 sig.signum = sig.signum or signal.SIGINT
             except Exception as e:
-                status, message = "failed", f"engine failure: {type(e).__name__}: {e}"
+                status, message = "failed", f"{phase}: {type(e).__name__}: {e}"
                 traceback.print_exc(file=self.stream)
             finally:
                 if progress is not None:
@@ -273,7 +278,7 @@ class _Job:
                         total_time_s=time.monotonic() - self.t0, load_time_s=load_s, run=stats,
                         files={"results": str(o.output), "errors": str(o.errors_path),
                                "manifest": str(o.manifest_path)}, message=message)
-        if writers:  # the manifest was written: log how this run ended
+        if manifest_saved:  # log how this run ended
             run_entry.update(status=status, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), ok=ok_run,
                              failed=failed_run)
             manifest.save(o.manifest_path)

@@ -11,8 +11,8 @@ from batchllm.config import EngineConfig
 from batchllm.planner import Plan, build_plan
 from batchllm.tokenizer import Tokenizer
 
-from .prepare import Limits, limits_of_config, prepare, static_validator
-from .requests import parse_file
+from .prepare import Limits, Prepared, limits_of_config, paused_gc, prepare, static_validator
+from .requests import ParsedFile, parse_file
 
 
 @dataclass
@@ -57,8 +57,14 @@ def plan_file(path: str | Path, cfg: EngineConfig) -> PlanReport:
     with n samples becomes n sequences, expected output = max_tokens."""
     t0 = time.monotonic()
     limits = limits_of_config(cfg)
-    parsed = parse_file(path)
-    prepared, bad = prepare(parsed.requests, Tokenizer(cfg.model), limits, static_validator(limits), cfg.seed)
+    with paused_gc():
+        parsed = parse_file(path)
+        prepared, bad = prepare(parsed.requests, Tokenizer(cfg.model), limits, static_validator(limits), None)
+        return _report(parsed, prepared, len(bad), cfg, limits, t0)
+
+
+def _report(parsed: ParsedFile, prepared: list[Prepared], num_bad: int, cfg: EngineConfig, limits: Limits,
+            t0: float) -> PlanReport:
     seqs: list[list[int]] = []
     expected: list[int] = []
     largest = 0
@@ -72,5 +78,5 @@ def plan_file(path: str | Path, cfg: EngineConfig) -> PlanReport:
                       partial_block=cfg.partial_block, order="decode-ratio" if cfg.decode_ratio_order else "input",
                       global_groups=cfg.global_groups)
     batch_kv = plan.stats.planned_prefill_tokens + sum(expected)
-    return PlanReport(parsed.num_lines, len(parsed.items), len(parsed.errors) + len(bad), len(seqs), plan, limits,
+    return PlanReport(parsed.num_lines, len(parsed.items), len(parsed.errors) + num_bad, len(seqs), plan, limits,
                       largest, batch_kv, time.monotonic() - t0)

@@ -6,10 +6,12 @@ computed from the model folder and the engine settings, without loading weights)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,18 @@ from batchllm.tokenizer import Tokenizer
 from .requests import BatchRequest, ErrorRecord
 
 Validator = Callable[[list[list[int]], list[SamplingParams]], list[str]]
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """No cyclic GC while building millions of token lists (it would rescan them again and again)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 @dataclass(frozen=True)
@@ -83,7 +97,7 @@ def static_validator(limits: Limits) -> Validator:
             why = None
             if not ids:
                 why = "the prompt is empty"
-            elif not all(isinstance(t, int) and 0 <= t < limits.vocab_size for t in ids):
+            elif min(ids) < 0 or max(ids) >= limits.vocab_size:  # ints: parsed or from the tokenizer
                 why = f"token ids must be integers in [0, {limits.vocab_size})"
             elif len(ids) >= limits.max_model_len:
                 why = (f"the prompt has {len(ids)} tokens; max_model_len is {limits.max_model_len} "
@@ -122,12 +136,12 @@ _PROMPT_PREFIX = re.compile(r"^prompt (\d+): ")
 
 
 def prepare(requests: Sequence[BatchRequest], tokenizer: Tokenizer, limits: Limits, validate: Validator,
-            engine_seed: int, max_context: int | None = None) -> tuple[list[Prepared], list[ErrorRecord]]:
+            engine_seed: int | None, max_context: int | None = None) -> tuple[list[Prepared], list[ErrorRecord]]:
     """Tokenize (chat via the model's template), cap chat output, validate, fix sampling seeds.
 
     Chat without max_tokens gets `max_context - prompt tokens` (default `limits.max_context`).
     Unseeded sampled prompts get the seed `LLM.generate` would give them over the whole file,
-    so a resumed job samples exactly what an uninterrupted one does.
+    so a resumed job samples exactly what an uninterrupted one does (`engine_seed=None`: skip).
     """
     cap = max_context if max_context is not None else limits.max_context
     errors: list[ErrorRecord] = []
@@ -149,8 +163,8 @@ def prepare(requests: Sequence[BatchRequest], tokenizer: Tokenizer, limits: Limi
             texts.append([p if isinstance(p, str) else None for p in r.prompts])
             encode_plain.extend(p for p in r.prompts if isinstance(p, str))
         kept.append(r)
-    plain_ids = iter(tokenizer.encode_batch(encode_plain) if encode_plain else [])
-    chat_ids = iter(tokenizer.encode_batch(encode_chat, add_special_tokens=False) if encode_chat else [])
+    plain_ids = iter(_encode_unique(tokenizer, encode_plain, True))
+    chat_ids = iter(_encode_unique(tokenizer, encode_chat, False))
 
     prepared: list[Prepared] = []
     for r, txt in zip(kept, texts):
@@ -176,14 +190,26 @@ def prepare(requests: Sequence[BatchRequest], tokenizer: Tokenizer, limits: Limi
                                       "invalid_prompt", "messages" if r.endpoint == "chat" else "prompt"))
             continue
         prepared.append(Prepared(r, ids, txt, [params] * len(ids)))
-    _fix_seeds(prepared, engine_seed)
+    if engine_seed is not None:
+        _fix_seeds(prepared, engine_seed)
     errors.sort(key=lambda e: e.line)
     return prepared, errors
+
+
+def _encode_unique(tokenizer: Tokenizer, texts: list[str], special: bool) -> list[list[int]]:
+    """Token ids of each text; a text repeated in the file is encoded once (ids lists shared)."""
+    if not texts:
+        return []
+    unique = list(dict.fromkeys(texts))
+    done = dict(zip(unique, tokenizer.encode_batch(unique, add_special_tokens=special)))
+    return [done[t] for t in texts]
 
 
 def _fix_seeds(prepared: list[Prepared], engine_seed: int) -> None:
     """Give unseeded sampled prompts the seed `LLM._make_seqs` derives (engine seed, prompt,
     occurrence of the same prompt so far), computed over the whole file rather than the rest."""
+    if not any(sp.seed is None and not sp.greedy for p in prepared for sp in p.params):
+        return
     seen: Counter[tuple[int, ...]] = Counter()
     for p in prepared:
         for k, ids in enumerate(p.prompt_ids):

@@ -15,15 +15,20 @@ LOG_INTERVAL_S = 5.0
 
 
 def log(msg: str, stream: TextIO | None = None) -> None:
-    """One line on stderr, prefixed so it stands apart from library output."""
-    print(f"[batchllm] {msg}", file=stream or sys.stderr, flush=True)
+    """One line on stderr (above a progress bar, if one is showing), prefixed "[batchllm]"."""
+    out = stream or sys.stderr
+    tqdm.write(f"[batchllm] {msg}", file=out)
+    out.flush()
 
 
 class Progress:
     """Requests done/total, input and output tokens per second, prefix saving so far.
 
     A tqdm bar when `stream` is a terminal, else a log line every `log_interval` seconds.
-    `tick` is cheap and may be called every engine step.
+    `tick` is cheap and may be called every engine step. "in" counts the prompt tokens of
+    finished requests; "out" the tokens decoded so far; "prefix saving" is the share of
+    finished requests' prompt tokens served from a shared prefix (their `cached_tokens`). The
+    final report's saving (1 - computed/logical prefill) also charges each prefix once.
     """
 
     def __init__(self, total: int, done_before: int, stream: TextIO | None = None, tty: bool | None = None,

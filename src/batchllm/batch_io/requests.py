@@ -232,7 +232,8 @@ def _params(body: dict[str, Any], endpoint: Endpoint, where: str) -> tuple[Sampl
     try:
         return SamplingParams(**kw), given
     except (ValueError, TypeError) as e:
-        raise LineError(f"{where.rstrip('.') or 'request'}: {e}", where.rstrip(".") or None, "invalid_value") from e
+        first = str(e).removeprefix("invalid sampling parameters: ").split(" ", 1)[0]
+        raise LineError(str(e), where + first if first in kw else None, "invalid_value") from e
 
 
 def parse_object(obj: Any, line: int) -> BatchRequest:
