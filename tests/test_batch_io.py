@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -198,7 +199,8 @@ def test_prepare_matches_tokenizer_and_validates(model: Path) -> None:
 def test_prepare_seeds_are_stable_per_prompt(model: Path) -> None:
     tok = Tokenizer(model)
     limits = Limits(tok.vocab_size, 4096, 4096, 512)
-    reqs = [parsed(req({"prompt": "same", "temperature": 0.7}), 1), parsed(req({"prompt": "same", "temperature": 0.7}), 2),
+    reqs = [parsed(req({"prompt": "same", "temperature": 0.7}), 1),
+            parsed(req({"prompt": "same", "temperature": 0.7}), 2),
             parsed(req({"prompt": "other", "temperature": 0}), 3), parsed(req({"prompt": "x", "seed": 5}), 4)]
     prepared, _ = prepare(reqs, tok, limits, static_validator(limits), engine_seed=0)
     seeds = [p.params[0].seed for p in prepared]
@@ -344,5 +346,5 @@ def test_parse_size() -> None:
     assert parse_size("2GiB") == 2 * 2**30 and parse_size("512MiB") == 512 * 2**20
     assert parse_size("4e9") == 4 * 10**9 and parse_size("1.5G") == 1_500_000_000 and parse_size("100") == 100
     for bad in ("", "x", "2 parsecs", "0"):
-        with pytest.raises(Exception):
+        with pytest.raises(argparse.ArgumentTypeError):
             parse_size(bad)

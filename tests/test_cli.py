@@ -362,8 +362,9 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str], mon
                   str(tmp_path / "demo" / "results.jsonl")):
         assert words in stdout, words
     assert json.loads((tmp_path / "demo" / "stats.json").read_text())["status"] == "complete"
-    code, stdout, _ = cli(capsys, "demo", "--out-dir", tmp_path / "demo", "--shape", "test")  # again: reuses both
+    code, stdout, _ = cli(capsys, "demo", "--shape", "test")  # again: reuses the model; files go to the cache
     assert code == 0 and "46 ok (46 this run" in stdout
+    assert len(records(tmp_path / "cache" / "demo" / "results.jsonl")) == 46
 
 
 def test_make_tiny_model_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -200,6 +200,37 @@ def test_unseeded_sampling_follows_engine_seed(llm: LLM, llama_dir: Path, batch5
     assert twice[0] != twice[1]
 
 
+def test_sampling_unchanged_by_preemption_and_chunking(llm: LLM, llama_dir: Path, batch50: list[list[int]]) -> None:
+    """Recomputing a preempted sequence or chunking its prefill draws no random numbers: samples
+    (and their logprobs) stay the same."""
+    params = SamplingParams(seed=3, logprobs=2, **SAMPLED)
+    prompts = batch50[:30]
+    ref = llm.generate(prompts, params, use_tqdm=False)
+    for kwargs in (dict(policy="fcfs", num_kv_blocks=12), dict(max_num_batched_tokens=7, num_kv_blocks=1024)):
+        other = LLM(str(llama_dir), dtype="float32", **kwargs)
+        outs = other.generate(prompts, params, use_tqdm=False)
+        if "policy" in kwargs:
+            assert other.last_run_stats.preemptions > 0
+        assert tokens(outs) == tokens(ref)
+        for a, b in zip(outs, ref):
+            assert a.outputs[0].cumulative_logprob == pytest.approx(b.outputs[0].cumulative_logprob, abs=1e-4)
+
+
+def test_sampling_filters(llm: LLM, batch50: list[list[int]]) -> None:
+    """top_k=1, a tiny top_p and min_p=1 leave only the most likely token: greedy. With top_k=5
+    every sampled token is among the 5 most likely (the logprobs dict then has just those 5)."""
+    prompts = batch50[:6]
+    ref = tokens(llm.generate(prompts, greedy(10), use_tqdm=False))
+    base = dict(temperature=1.0, seed=11, max_tokens=10, ignore_eos=True)
+    for filt in (dict(top_k=1), dict(top_p=1e-6), dict(min_p=1.0)):
+        assert tokens(llm.generate(prompts, SamplingParams(**base, **filt), use_tqdm=False)) == ref, filt
+    outs = llm.generate(prompts, SamplingParams(**base, top_k=5, logprobs=5), use_tqdm=False)
+    assert tokens(outs) != ref
+    for o in outs:
+        for tok, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs):
+            assert tok in step and len(step) == 5
+
+
 def test_n_gives_n_distinct_completions(llm: LLM, batch50: list[list[int]]) -> None:
     params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=10, ignore_eos=True)
     outs = llm.generate(batch50[:2], params, use_tqdm=False)

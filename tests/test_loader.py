@@ -148,6 +148,14 @@ def test_invalid_json(llama_dir: Path, tmp_path: Path) -> None:
         LLM(str(path))
 
 
+def test_sliding_window_limits_max_model_len(model_factory: Callable[..., Path]) -> None:
+    """No sliding-window attention: a Mistral with a window stays inside it; Qwen ignores the
+    window unless use_sliding_window is set."""
+    assert LLM(str(model_factory("mistral", sliding_window=64)), num_kv_blocks=16).engine.max_model_len == 64
+    assert LLM(str(model_factory("mistral")), num_kv_blocks=16).engine.max_model_len == 4096
+    assert LLM(str(model_factory("qwen2", sliding_window=64)), num_kv_blocks=16).engine.max_model_len == 4096
+
+
 # ---- checkpoints and spellings ---------------------------------------------------------------
 
 def test_sharded_checkpoint_equals_unsharded(model_factory: Callable[..., Path], reference: list[list[int]]) -> None:

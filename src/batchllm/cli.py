@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from batchllm import __version__
-from batchllm.config import POLICIES, EngineConfig
-
 from batchllm.batch_io.job import EXIT_FAILURE, EXIT_USAGE, JobOptions, run_batch
+from batchllm.config import POLICIES, EngineConfig
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
@@ -45,7 +44,8 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, metavar="N", help="KV block size in tokens (default 16)")
     g.add_argument("--seed", type=int, help="engine seed for unseeded sampled requests (default 0)")
     g.add_argument("--kv-cache-memory", type=parse_size, metavar="SIZE", help="KV pool size, e.g. 4GiB (default 2GiB)")
-    g.add_argument("--num-kv-blocks", type=int, metavar="N", help="KV pool size in blocks (overrides --kv-cache-memory)")
+    g.add_argument("--num-kv-blocks", type=int, metavar="N",
+                   help="KV pool size in blocks (overrides --kv-cache-memory)")
     g.add_argument("--policy", choices=POLICIES, help="scheduling policy (default batchllm)")
     g.add_argument("--attention", choices=("auto", "reference", "prefix-shared"), help="attention backend")
     g.add_argument("--device", help="torch device (default cpu)")
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Build a tiny random Llama model in the cache ($BATCHLLM_CACHE or "
                         "~/.cache/batchllm) if needed, write a 48-line sample batch with shared prefixes (and two bad "
                         "lines), run it and print the report.")
-    de.add_argument("--out-dir", type=Path, default=Path("batchllm-demo"), help="where the files go (./batchllm-demo)")
+    de.add_argument("--out-dir", type=Path, help="where the files go (default: demo/ in the cache folder)")
     de.add_argument("--model", metavar="PATH", help="use this model folder instead of the tiny random one")
     de.add_argument("--shape", default="tiny", help=argparse.SUPPRESS)
 
@@ -143,11 +143,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from batchllm.batch_io.demo import run_demo
+    from batchllm.batch_io.demo import cache_dir, run_demo
 
     if args.model and not Path(args.model).is_dir():
         return _usage(f"model folder {args.model!r} does not exist", "demo")
-    return run_demo(args.out_dir, args.model, args.shape)
+    return run_demo(args.out_dir or cache_dir() / "demo", args.model, args.shape)
 
 
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:

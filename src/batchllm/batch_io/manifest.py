@@ -1,8 +1,9 @@
 """The run manifest written beside the output: what a resume must match.
 
 Must match on resume (they change results): the input file (sha256), the model (fingerprint),
-dtype, seed, max_model_len, the chat output cap and the error file. Throughput settings (KV
-memory, block size, batch limits, policy, ...) may change between runs; each run is logged.
+the effective dtype, seed and max_model_len, and the error file. The cap for chat requests
+without max_tokens (`max_context`) is fixed by the first run and reused. Throughput settings
+(KV memory, block size, batch limits, policy, ...) may change between runs; each run is logged.
 The manifest is replaced atomically (write a temporary file, fsync, rename).
 """
 

@@ -12,7 +12,7 @@ from batchllm.planner import Plan, build_plan
 from batchllm.tokenizer import Tokenizer
 
 from .prepare import Limits, Prepared, limits_of_config, paused_gc, prepare, static_validator
-from .requests import ParsedFile, parse_file
+from .requests import ErrorRecord, ParsedFile, parse_file
 
 
 @dataclass
@@ -28,6 +28,7 @@ class PlanReport:
     largest_seq_kv_tokens: int
     batch_kv_tokens: int
     seconds: float
+    invalid_examples: list[str]  # the first few error messages
 
     def to_dict(self) -> dict[str, Any]:
         return {"lines": self.lines, "requests": self.requests, "invalid": self.invalid,
@@ -36,20 +37,29 @@ class PlanReport:
                 "kv": {"bytes_per_token": self.limits.kv_bytes_per_token, "pool_tokens": self.limits.kv_pool_tokens,
                        "largest_sequence_tokens": self.largest_seq_kv_tokens, "batch_tokens": self.batch_kv_tokens,
                        "batch_bytes": self.batch_kv_tokens * self.limits.kv_bytes_per_token},
-                "seconds": self.seconds}
+                "seconds": self.seconds, "invalid_examples": self.invalid_examples}
 
     def text(self) -> str:
-        gib = self.limits.kv_bytes_per_token / 2**30
+        per = self.limits.kv_bytes_per_token
         waves = -(-self.batch_kv_tokens // self.limits.kv_pool_tokens) if self.limits.kv_pool_tokens else 0
         return "\n".join([
             f"{self.requests} requests ({self.invalid} invalid, skipped) -> {self.sequences} sequences; "
             f"planned in {self.seconds:.1f} s",
             self.plan.summary() if self.sequences else "Plan: nothing to plan",
             f"KV need: largest sequence {self.largest_seq_kv_tokens:,} tokens; whole batch at once (shared prefixes "
-            f"once, every max_tokens) {self.batch_kv_tokens:,} tokens = {self.batch_kv_tokens * gib:.2f} GiB; "
-            f"pool {self.limits.kv_pool_tokens:,} tokens = {self.limits.kv_pool_tokens * gib:.2f} GiB"
+            f"once, every max_tokens) {self.batch_kv_tokens:,} tokens = {_size(self.batch_kv_tokens * per)}; "
+            f"pool {self.limits.kv_pool_tokens:,} tokens = {_size(self.limits.kv_pool_tokens * per)}"
             + (f" (~{waves} waves)" if waves > 1 else ""),
+            *(["Invalid lines (run-batch writes them to the error file), e.g.:"]
+              + [f"  {m}" for m in self.invalid_examples] if self.invalid_examples else []),
         ])
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
 
 
 def plan_file(path: str | Path, cfg: EngineConfig) -> PlanReport:
@@ -60,16 +70,16 @@ def plan_file(path: str | Path, cfg: EngineConfig) -> PlanReport:
     with paused_gc():
         parsed = parse_file(path)
         prepared, bad = prepare(parsed.requests, Tokenizer(cfg.model), limits, static_validator(limits), None)
-        return _report(parsed, prepared, len(bad), cfg, limits, t0)
+        return _report(parsed, prepared, sorted(parsed.errors + bad, key=lambda e: e.line), cfg, limits, t0)
 
 
-def _report(parsed: ParsedFile, prepared: list[Prepared], num_bad: int, cfg: EngineConfig, limits: Limits,
+def _report(parsed: ParsedFile, prepared: list[Prepared], bad: list[ErrorRecord], cfg: EngineConfig, limits: Limits,
             t0: float) -> PlanReport:
     seqs: list[list[int]] = []
     expected: list[int] = []
     largest = 0
     for p in prepared:
-        for ids, sp in zip(p.prompt_ids, p.params):
+        for ids, sp in zip(p.prompt_ids, p.params, strict=True):
             seqs += [ids] * sp.n
             expected += [sp.max_tokens] * sp.n
             largest = max(largest, min(len(ids) + sp.max_tokens, limits.max_model_len))
@@ -78,5 +88,5 @@ def _report(parsed: ParsedFile, prepared: list[Prepared], num_bad: int, cfg: Eng
                       partial_block=cfg.partial_block, order="decode-ratio" if cfg.decode_ratio_order else "input",
                       global_groups=cfg.global_groups)
     batch_kv = plan.stats.planned_prefill_tokens + sum(expected)
-    return PlanReport(parsed.num_lines, len(parsed.items), len(parsed.errors) + num_bad, len(seqs), plan, limits,
-                      largest, batch_kv, time.monotonic() - t0)
+    return PlanReport(parsed.num_lines, len(parsed.items), len(bad), len(seqs), plan, limits, largest, batch_kv,
+                      time.monotonic() - t0, [e.message for e in bad[:5]])

@@ -23,6 +23,7 @@ from batchllm.tokenizer import Tokenizer
 
 from .requests import BatchRequest, ErrorRecord
 
+_ENCODE_CHUNK = 2048
 Validator = Callable[[list[list[int]], list[SamplingParams]], list[str]]
 
 
@@ -93,7 +94,7 @@ def static_validator(limits: Limits) -> Validator:
 
     def validate(prompt_ids: list[list[int]], params: list[SamplingParams]) -> list[str]:
         errors = []
-        for i, (ids, p) in enumerate(zip(prompt_ids, params)):
+        for i, (ids, p) in enumerate(zip(prompt_ids, params, strict=True)):
             why = None
             if not ids:
                 why = "the prompt is empty"
@@ -167,7 +168,7 @@ def prepare(requests: Sequence[BatchRequest], tokenizer: Tokenizer, limits: Limi
     chat_ids = iter(_encode_unique(tokenizer, encode_chat, False))
 
     prepared: list[Prepared] = []
-    for r, txt in zip(kept, texts):
+    for r, txt in zip(kept, texts, strict=True):
         if r.endpoint == "chat":
             ids = [next(chat_ids)]
         else:
@@ -201,7 +202,10 @@ def _encode_unique(tokenizer: Tokenizer, texts: list[str], special: bool) -> lis
     if not texts:
         return []
     unique = list(dict.fromkeys(texts))
-    done = dict(zip(unique, tokenizer.encode_batch(unique, add_special_tokens=special)))
+    done: dict[str, list[int]] = {}
+    for k in range(0, len(unique), _ENCODE_CHUNK):  # chunks bound the tokenizer's Encoding objects
+        chunk = unique[k:k + _ENCODE_CHUNK]
+        done.update(zip(chunk, tokenizer.encode_batch(chunk, add_special_tokens=special), strict=True))
     return [done[t] for t in texts]
 
 

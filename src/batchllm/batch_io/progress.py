@@ -114,13 +114,18 @@ class Report:
         return d
 
     def text(self) -> str:
-        lines = [f"batchllm run-batch: {self.status} in {self.total_time_s:.1f} s (model load {self.load_time_s:.1f} s)"]
+        lines = [f"batchllm run-batch: {self.status} in {self.total_time_s:.1f} s "
+                 f"(model load {self.load_time_s:.1f} s)"]
         if self.message:
             lines.append(f"  {self.message}")
         lines.append(f"  requests    {self.requests_in_file} in file: {self.ok} ok ({self.ok_this_run} this run, "
                      f"{self.ok_before} before), {self.failed} failed, {self.remaining} not run yet")
         s = self.run
         if s is not None:
+            if self.ok_before:
+                lines.append("  (tokens, time and KV below are for this run)")
+            if self.status != "complete":
+                lines.append("  (a cut-short run: logical prompt tokens and tok/s count every request it started with)")
             lines += [
                 f"  prompt      {s.logical_prefill_tokens:,} tokens logical, {s.computed_prefill_tokens:,} computed "
                 f"(prefix saving {s.saving:.1%})",

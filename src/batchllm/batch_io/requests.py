@@ -160,7 +160,7 @@ def _messages(value: Any, where: str) -> tuple[dict[str, Any], ...]:
         elif isinstance(content, list):
             texts = []
             for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                     kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                     raise LineError(f"{at}.content[{j}]: only text content parts are supported, got {kind!r}",
                                     f"{at}.content", "unsupported")
@@ -172,27 +172,52 @@ def _messages(value: Any, where: str) -> tuple[dict[str, Any], ...]:
     return tuple(out)
 
 
-def _params(body: dict[str, Any], endpoint: Endpoint, where: str) -> tuple[SamplingParams, bool]:
-    """SamplingParams from request fields (None = absent, as in OpenAI); True if max_tokens given."""
-    known = set(_SAMPLING) | set(_IGNORED) | set(_NEUTRAL) | {"max_tokens", "max_completion_tokens", "logprobs"}
-    if endpoint == "completions":
-        known |= {"prompt", "best_of", *_COMPLETIONS_ONLY}
-    else:
-        known |= {"messages", "top_logprobs"}
+def _check_fields(body: dict[str, Any], endpoint: Endpoint, where: str) -> None:
+    """Refuse unknown fields, and known ones batchllm cannot honour unless they are neutral."""
+    known = {*_SAMPLING, *_IGNORED, *_NEUTRAL, "max_tokens", "max_completion_tokens", "logprobs"}
+    known |= {"prompt", "best_of", *_COMPLETIONS_ONLY} if endpoint == "completions" else {"messages", "top_logprobs"}
     for key in body:
         if key not in known:
             raise LineError(f"unrecognized request argument supplied: {where}{key}", where + key)
-    for table in (_NEUTRAL, _COMPLETIONS_ONLY if endpoint == "completions" else {}):
-        for key, neutral in table.items():
-            if body.get(key) is not None and not neutral(body[key]):
-                raise LineError(f"{where}{key}={json.dumps(body[key])[:60]} is not supported by batchllm",
-                                where + key, "unsupported")
+    for key, neutral in (_NEUTRAL | _COMPLETIONS_ONLY if endpoint == "completions" else _NEUTRAL).items():
+        if body.get(key) is not None and not neutral(body[key]):
+            raise LineError(f"{where}{key}={json.dumps(body[key])[:60]} is not supported by batchllm",
+                            where + key, "unsupported")
+    if endpoint == "completions" and body.get("best_of") not in (None, body.get("n") or 1):
+        raise LineError(f"{where}best_of other than n is not supported by batchllm", where + "best_of",
+                        "unsupported")
+
+
+def _logprobs(body: dict[str, Any], endpoint: Endpoint, where: str) -> int | None:
+    """Completions: `logprobs: k`; chat: `logprobs: true` (+ `top_logprobs: k`). None = not asked."""
+    lp = body.get("logprobs")
+    if endpoint == "completions":
+        if lp is not None and (not _is_int(lp) or not 0 <= lp <= MAX_LOGPROBS):
+            raise LineError(f"{where}logprobs must be an integer in [0, {MAX_LOGPROBS}], got {lp!r}",
+                            where + "logprobs")
+        return lp
+    top = body.get("top_logprobs")
+    if lp is not None and not isinstance(lp, bool):
+        raise LineError(f"{where}logprobs must be true or false for chat", where + "logprobs")
+    if top is not None:
+        if not _is_int(top) or not 0 <= top <= MAX_LOGPROBS:
+            raise LineError(f"{where}top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {top!r}",
+                            where + "top_logprobs")
+        if not lp:
+            raise LineError(f"{where}top_logprobs needs logprobs=true", where + "top_logprobs")
+    return (top or 0) if lp else None
+
+
+def _params(body: dict[str, Any], endpoint: Endpoint, where: str) -> tuple[SamplingParams, bool]:
+    """SamplingParams from request fields (None = absent, as in OpenAI); True if max_tokens given."""
+    _check_fields(body, endpoint, where)
     kw = {k: body[k] for k in _SAMPLING if body.get(k) is not None}
     for key in ("ignore_eos", "skip_special_tokens"):
         if key in kw and not isinstance(kw[key], bool):
             raise LineError(f"{where}{key} must be true or false", where + key)
     stop = kw.get("stop")
-    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
+    if not (stop is None or isinstance(stop, str) or
+            (isinstance(stop, list) and all(isinstance(x, str) for x in stop))):
         raise LineError(f"{where}stop must be a string or a list of strings", where + "stop")
     ids = kw.get("stop_token_ids")
     if ids is not None and not (isinstance(ids, list) and all(_is_int(t) for t in ids)):
@@ -200,35 +225,17 @@ def _params(body: dict[str, Any], endpoint: Endpoint, where: str) -> tuple[Sampl
     mt, mct = body.get("max_tokens"), body.get("max_completion_tokens")
     if mt is not None and mct is not None and mt != mct:
         raise LineError(f"{where}max_tokens and max_completion_tokens disagree; give one", where + "max_tokens")
-    max_tokens = mct if mct is not None else mt
-    given = max_tokens is not None
-    if not given:
-        # Chat: "until EOS or the context is full"; the real cap is set once the prompt is tokenized.
+    given = mt is not None or mct is not None
+    if given:
+        kw["max_tokens"] = mct if mct is not None else mt
+    elif endpoint == "completions":
+        kw["max_tokens"] = COMPLETIONS_DEFAULT_MAX_TOKENS
+    else:  # chat: until EOS or the context is full; the cap is set once the prompt is tokenized
         min_tokens = kw.get("min_tokens", 0)
-        placeholder = max(1, min_tokens) if _is_int(min_tokens) else 1
-        max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if endpoint == "completions" else placeholder
-    kw["max_tokens"] = max_tokens
-    if endpoint == "completions":
-        best_of = body.get("best_of")
-        if best_of is not None and best_of != kw.get("n", 1):
-            raise LineError(f"{where}best_of other than n is not supported by batchllm", where + "best_of", "unsupported")
-        lp = body.get("logprobs")
-        if lp is not None:
-            if not _is_int(lp) or not 0 <= lp <= MAX_LOGPROBS:
-                raise LineError(f"{where}logprobs must be an integer in [0, {MAX_LOGPROBS}], got {lp!r}", where + "logprobs")
-            kw["logprobs"] = lp
-    else:
-        lp, top = body.get("logprobs"), body.get("top_logprobs")
-        if lp is not None and not isinstance(lp, bool):
-            raise LineError(f"{where}logprobs must be true or false for chat", where + "logprobs")
-        if top is not None:
-            if not _is_int(top) or not 0 <= top <= MAX_LOGPROBS:
-                raise LineError(f"{where}top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {top!r}",
-                                where + "top_logprobs")
-            if not lp:
-                raise LineError(f"{where}top_logprobs needs logprobs=true", where + "top_logprobs")
-        if lp:
-            kw["logprobs"] = top or 0
+        kw["max_tokens"] = max(1, min_tokens) if _is_int(min_tokens) else 1
+    lp = _logprobs(body, endpoint, where)
+    if lp is not None:
+        kw["logprobs"] = lp
     try:
         return SamplingParams(**kw), given
     except (ValueError, TypeError) as e:
@@ -270,8 +277,8 @@ def parse_object(obj: Any, line: int) -> BatchRequest:
         body = {k: v for k, v in obj.items() if k != "custom_id"}
     key = "prompt" if endpoint == "completions" else "messages"
     if body.get(key) is None:
-        raise LineError(f"{where}{key} is required for {'/v1/completions' if key == 'prompt' else '/v1/chat/completions'}",
-                        where + key, "missing_field")
+        url = "/v1/completions" if key == "prompt" else "/v1/chat/completions"
+        raise LineError(f"{where}{key} is required for {url}", where + key, "missing_field")
     params, given = _params(body, endpoint, where)
     if endpoint == "completions":
         return BatchRequest(line, cid, endpoint, params, prompts=_prompts(body["prompt"], where + "prompt"))

@@ -89,7 +89,7 @@ class RecordMaker:
         """/v1/completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
         tokens, token_lps, tops, offsets = [], [], [], []
         offset = 0
-        for tid, d in zip(c.token_ids, c.logprobs or []):
+        for tid, d in zip(c.token_ids, c.logprobs or [], strict=False):
             s = self._text(tid)
             tokens.append(s)
             token_lps.append(d.get(tid))
@@ -101,7 +101,7 @@ class RecordMaker:
     def _chat_logprobs(self, c: CompletionOutput, top: int) -> dict[str, Any]:
         """/v1/chat/completions logprobs: content = [{token, logprob, bytes, top_logprobs}]."""
         content = []
-        for tid, d in zip(c.token_ids, c.logprobs or []):
+        for tid, d in zip(c.token_ids, c.logprobs or [], strict=False):
             s = self._text(tid)
             best = sorted(d.items(), key=lambda kv: -kv[1])[:top]
             content.append({"token": s, "logprob": d.get(tid), "bytes": list(s.encode()),

@@ -59,7 +59,18 @@ class BatchScheduler(Scheduler):
     def _reserve_blocks(self) -> int:
         return sum(max(0, self._final_blocks(s) - len(s.block_table)) for s in self.running if not s.is_prefix)
 
+    def _prefixes_fit(self, g: GroupState) -> bool:
+        """Starting `g`'s prefix keeps every live group runnable: the prefixes pinned so far, plus
+        `g`'s, plus the largest own part of any of their members fit in the pool. (Waiting members
+        of started groups are not in the reserve, and pinned prefixes are never preempted.)"""
+        live = [x for x in self.groups if x.prefix is not None and x.alive > 0 and (x.started or x is g)]
+        prefixes = sum(self.bm.blocks_for(x.prefix_len) for x in live)
+        member = max(self._own_need(m, x) for x in live for m in x.members)
+        return prefixes + member <= self.bm.num_blocks
+
     def _admission_ok(self, seq: Sequence, n: int) -> bool:
+        if seq.is_prefix and self.memory_centric and not self._prefixes_fit(self._by_gid[seq.group_id]):
+            return False
         if not self.memory_centric or not self.running:
             return True  # the allocation itself decides (and an idle engine always admits)
         g = self._by_gid.get(seq.group_id)
