@@ -157,7 +157,8 @@ class LLM:
                              + (" ..." if len(errors) > 20 else ""))
         seqs = self._make_seqs(ids, params)
         plan = self._plan(seqs) if self.config.policy == "batchllm" else None
-        stats = RunStats(num_requests=len(ids), logical_prefill_tokens=sum(map(len, ids)))
+        # NOTE: logical prefill counts every sample: without sharing, each of n samples prefills its prompt.
+        stats = RunStats(num_requests=len(ids), logical_prefill_tokens=sum(s.num_prompt_tokens for s in seqs))
         self.last_run_stats = stats
         by_request: dict[int, list[Sequence]] = {}
         for s in seqs:
