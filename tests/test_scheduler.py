@@ -164,8 +164,9 @@ def test_computed_prefill_equals_plan(runs: Callable[[str], Run], name: str) -> 
     plan = run.llm.plan(PROMPTS, PARAMS)
     stats = run.stats
     assert stats.preemptions == 0
-    assert stats.logical_prefill_tokens == sum(map(len, PROMPTS)) == plan.stats.logical_prefill_tokens - sum(
-        (p.n - 1) * len(x) for x, p in zip(PROMPTS, PARAMS))
+    # logical prefill counts every sample: n=2 prefills its prompt twice without sharing
+    assert stats.logical_prefill_tokens == plan.stats.logical_prefill_tokens == sum(
+        p.n * len(x) for x, p in zip(PROMPTS, PARAMS))
     assert stats.computed_prefill_tokens == plan.stats.planned_prefill_tokens
     assert plan.stats.multilevel_optimum_tokens <= plan.stats.planned_prefill_tokens
     if VARIANTS[name].get("global_groups", True):
@@ -193,7 +194,7 @@ def test_partial_block_copy_saves_over_recompute(runs: Callable[[str], Run]) -> 
 
 def test_fcfs_prefills_everything_and_lru_no_more(runs: Callable[[str], Run]) -> None:
     logical = sum(map(len, PROMPTS)) + len(PROMPTS[N2_REQUEST])  # n=2: two sequences
-    assert runs("fcfs").stats.computed_prefill_tokens == logical
+    assert runs("fcfs").stats.computed_prefill_tokens == logical == runs("fcfs").stats.logical_prefill_tokens
     for name in ("fcfs-lru", "lpm", "fcfs-lru-chunked"):
         assert runs(name).stats.computed_prefill_tokens <= logical
     # chunked admission lets later requests hit blocks cached by earlier ones
