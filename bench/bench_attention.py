@@ -5,8 +5,12 @@ blocks; the remainder joins the own part) and an own part of --own tokens. Tiny-
 shapes by default (8 query heads, 2 KV heads, head_dim 64). Times one `forward` (one layer);
 `prepare` runs once per step and is reported separately.
 
-    python bench/bench_attention.py                      # G=4, m=16, L=1000, bf16 + fp32
-    python bench/bench_attention.py --sweep              # m x L grid for the selection threshold
+    python bench/bench_attention.py --rounds 3                  # G=4, m=16, L=1000, bf16 + fp32
+    python bench/bench_attention.py --sweep --groups 1          # m x L grid behind MIN_SAVED_TOKENS
+
+The dev machine has 2 cores shared with other jobs: each case first waits (up to --max-wait s)
+for a quiet CPU, the two paths are timed interleaved, and the `stall` column reports the load
+seen while measuring. Rows with a high stall (>~20%) are noise, not data.
 """
 
 from __future__ import annotations

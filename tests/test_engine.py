@@ -6,7 +6,6 @@ transformers is the oracle only: it is imported lazily and every HF model is loa
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any

@@ -20,7 +20,9 @@ from batchllm.attention.prefix_shared import (  # noqa: E402
     PrefixSharedAttention,
     kv_bytes_read,
     merge_attention,
+    saved_tokens,
     select_backend,
+    should_share,
 )
 from batchllm.attention.reference import ReferenceAttention, attend  # noqa: E402
 
@@ -90,7 +92,7 @@ def test_mixed_step_matches_reference(dtype: torch.dtype, heads: int, kvh: int) 
     compare(make_step(rng, groups, singles, bs=4), heads, kvh, 16, dtype, seed=1)
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(30))
 def test_random_configurations(seed: int) -> None:
     rng = random.Random(seed)
     bs = rng.choice([2, 4, 8, 16])
@@ -143,8 +145,9 @@ def test_auto_selection() -> None:
     rng = random.Random(0)
     small = make_step(rng, [(2, [(5, 1), (9, 1)])], [(30, 1)], bs=16)  # 2 members, 32-token prefix
     big = make_step(rng, [(1008 // 16, [(100, 1)] * 16)], [], bs=16)  # 16 members, 1008-token prefix
-    assert select_backend(small) == "reference"
-    assert select_backend(big) == "prefix-shared"
+    assert saved_tokens(small) == 32 and saved_tokens(big) == 15 * 1008
+    assert select_backend(small) == "reference" and not should_share(small)
+    assert select_backend(big) == "prefix-shared" and should_share(big)
     auto = AutoAttention("auto")
     assert auto.prepare(small).path == "reference" and auto.last_path == "reference"
     assert auto.prepare(big).path == "prefix-shared" and auto.last_path == "prefix-shared"

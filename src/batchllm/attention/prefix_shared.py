@@ -12,15 +12,20 @@ from batchllm.attention.reference import ReferenceAttention, attend, gather_kv
 
 Mode = Literal["auto", "prefix-shared", "reference"]
 
-# NOTE: measured with bench/bench_attention.py (decode, 8 q heads / 2 KV heads / d 64, own part 100
-# tokens, 2 threads, medians). Shared path vs reference, time ratio:
-#   L=64: loses or ties at every m (prefix is smaller than the own part; extra ops dominate).
-#   L=256: m=2 ~0.9x (loses), m=4 ~1.2-1.6x, m>=8 ~2-4x.   L=1000: m=2 ~1.3x, m=4 ~2.2x, m=16 ~6-9x.
-# The win tracks the KV tokens saved, (m-1)*L per group, against a fixed extra cost of ~20 ops.
-# Cut-off: share when a group in the step saves >= MIN_SAVED_TOKENS and has >= MIN_MEMBERS.
-MIN_MEMBERS = 4
-MIN_PREFIX_TOKENS = 128
-MIN_SAVED_TOKENS = 1536
+# NOTE: threshold measured with `bench/bench_attention.py --sweep --groups 1` on the 2-core dev CPU
+# (decode, 8 q / 2 KV heads, d 64, own part 100, block 16, 2 threads, quiet machine: stall <= 3%).
+# Speedup of the shared path over the reference for m members and prefix L (saved = (m-1)*L):
+#   bf16 L=64:   m=1..32 0.47 0.42 0.49 0.59 1.67* 0.77  L=256: 0.46 0.46 0.61 0.78 2.47 3.63
+#        L=1000: 0.65 0.68 0.89 4.39 5.84 7.00
+#   fp32 L=64:   0.46 0.38 0.56 0.66 0.79 0.99           L=256: 0.54 0.50 0.74 0.96 1.51 1.80
+#        L=1000: 0.70 0.66 1.20 1.68 2.53 5.79
+# The shared path pays a fixed extra attention pass + merge (~0.2-0.3 ms) and skips reading the
+# (m-1)*L prefix tokens: it loses below ~2000 saved tokens, ties around 3000 (bf16 0.89, fp32 1.20
+# at m=4 L=1000), wins from ~3800 (m=16 L=256: 2.47 / 1.51). Savings add up over groups, since all
+# groups share one batched pass (G=4 m=2 L=1000, 3968 saved: 3.1 / 1.26; G=8 m=2 L=256, 2048 saved:
+# 2.15 / 0.89). *: a slow reference shape, not a trend. The paper's cut-off (16 decoding members)
+# matches at L=256 only.
+MIN_SAVED_TOKENS = 3072
 
 # NOTE: groups are padded together into buckets; a bucket is split when its padded
 # rows x prefix area would exceed BUCKET_SLACK x the real area; at most MAX_BUCKETS buckets, so the
@@ -29,7 +34,7 @@ BUCKET_SLACK = 2.0
 MAX_BUCKETS = 4
 # NOTE: attend materialises fp32 scores [rows x heads x KV]; query rows are cut into pieces of at
 # most MAX_ROWS (a group's stacked rows, a prefill chunk) to bound memory (512 x 8 heads x 4096 KV
-# = 64 MiB). Decode groups (one row per member) never get cut.
+# = 64 MiB). Decode groups have one row per member, so only groups of > 512 get cut.
 MAX_ROWS = 512
 
 
@@ -88,6 +93,21 @@ def _bucketize(items: list[tuple[int, int, Any]]) -> list[list[tuple[int, int, A
     return buckets
 
 
+def _pad(rows: list[list[int]], dev: torch.device) -> torch.Tensor:
+    """[len(rows), longest] long tensor, padded with 0 (the null block / a harmless row)."""
+    out = torch.zeros(len(rows), max((len(r) for r in rows), default=0), dtype=torch.long)
+    for j, r in enumerate(rows):
+        out[j, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out.to(dev)
+
+
+def _valid(lens: list[int], width: int, dev: torch.device) -> torch.Tensor | None:
+    """[B, 1, 1, width] bool key mask (True: position < lens[b]); None when nothing is padded."""
+    if all(n == width for n in lens):
+        return None
+    return (torch.arange(width)[None, :] < torch.tensor(lens)[:, None])[:, None, None, :].to(dev)
+
+
 def merge_attention(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
     """Merge two partial attentions (o [..., d], lse [...]) stably; an lse of -inf is an empty part.
 
@@ -108,47 +128,32 @@ class PrefixSharedAttention:
 
     def prepare(self, meta: AttentionMetadata) -> PrefixSharedPrepared:
         bs, dev = meta.block_size, meta.device
-        shared = [0] * meta.num_seqs
-        items = []
+        shared, items = [0] * meta.num_seqs, []
         for blocks, members in _groups(meta).items():
             rows = [r for i in members for r in range(meta.query_starts[i], meta.query_starts[i] + meta.query_lens[i])]
-            for c in range(0, len(rows), MAX_ROWS):
-                piece = rows[c:c + MAX_ROWS]
-                items.append((len(piece), len(blocks), (blocks, piece)))
+            items += [(len(rows[c:c + MAX_ROWS]), len(blocks), (blocks, rows[c:c + MAX_ROWS]))
+                      for c in range(0, len(rows), MAX_ROWS)]
             for i in members:
                 shared[i] = meta.shared_lens[i]
-        buckets = []
-        # NOTE: identity index maps are stored as None so forward skips the gather/scatter ops.
+        # NOTE: identity index maps are stored as None so forward skips those gather/scatter ops.
         everything = list(range(meta.num_tokens))
+        buckets = []
         for b in _bucketize(items):
-            n_rows, n_blocks = max(t[0] for t in b), max(t[1] for t in b)
-            rows = torch.zeros(len(b), n_rows, dtype=torch.long)
-            blocks = torch.zeros(len(b), n_blocks, dtype=torch.long)
-            src, dst = [], []
-            for j, (nr, nb, (bl, rw)) in enumerate(b):
-                rows[j, :nr] = torch.tensor(rw)
-                blocks[j, :nb] = torch.tensor(bl)
-                src.extend(range(j * n_rows, j * n_rows + nr))
-                dst.extend(rw)
-            plen = torch.tensor([t[1] * bs for t in b])
-            valid = None
-            if bool((plen < n_blocks * bs).any()):
-                valid = (torch.arange(n_blocks * bs)[None, :] < plen[:, None])[:, None, None, :].to(dev)
-            src_t = None if len(src) == rows.numel() else torch.tensor(src, dtype=torch.long, device=dev)
-            dst_t = None if dst == everything else torch.tensor(dst, dtype=torch.long, device=dev)
-            buckets.append(GroupBucket(rows.to(dev), blocks.to(dev), valid, src_t, dst_t))
-        # Own parts: positions shared .. ctx, always non-empty (a query sits at >= shared).
-        own_blocks = [meta.block_tables[i][shared[i] // bs: -(-meta.context_lens[i] // bs)] for i in range(meta.num_seqs)]
+            width = max(t[0] for t in b)
+            src = [j * width + r for j, t in enumerate(b) for r in range(t[0])]
+            dst = [r for t in b for r in t[2][1]]
+            buckets.append(GroupBucket(
+                _pad([t[2][1] for t in b], dev), _pad([list(t[2][0]) for t in b], dev),
+                _valid([t[1] * bs for t in b], max(t[1] for t in b) * bs, dev),
+                None if len(src) == len(b) * width else torch.tensor(src, device=dev),
+                None if dst == everything else torch.tensor(dst, device=dev)))
+        # Own parts: positions shared .. ctx, never empty (queries sit at >= shared).
+        own_blocks = [meta.block_tables[i][shared[i] // bs: -(-meta.context_lens[i] // bs)]
+                      for i in range(meta.num_seqs)]
         own_lens = [meta.context_lens[i] - shared[i] for i in range(meta.num_seqs)]
         decode = [i for i, q in enumerate(meta.query_lens) if q == 1]
-        nb = max((len(own_blocks[i]) for i in decode), default=0)
-        dblocks = torch.zeros(len(decode), nb, dtype=torch.long)
-        for j, i in enumerate(decode):
-            dblocks[j, : len(own_blocks[i])] = torch.tensor(own_blocks[i], dtype=torch.long)
-        dlens = torch.tensor([own_lens[i] for i in decode], dtype=torch.long)
-        dvalid = None
-        if bool((dlens < nb * bs).any()):
-            dvalid = (torch.arange(nb * bs)[None, :] < dlens[:, None])[:, None, None, :].to(dev)
+        dblocks = _pad([own_blocks[i] for i in decode], dev)
+        dvalid = _valid([own_lens[i] for i in decode], dblocks.shape[1] * bs, dev)
         prefills = []
         for i, n in enumerate(meta.query_lens):
             for c in range(0, n if n > 1 else 0, MAX_ROWS):
@@ -161,7 +166,7 @@ class PrefixSharedAttention:
                 prefills.append((meta.query_starts[i] + c, nc, bt, mask.to(dev)))
         drows = [meta.query_starts[i] for i in decode]
         drows_t = None if drows == everything else torch.tensor(drows, dtype=torch.long, device=dev)
-        return PrefixSharedPrepared(buckets, drows_t, len(decode), dblocks.to(dev), dvalid, prefills, bs)
+        return PrefixSharedPrepared(buckets, drows_t, len(decode), dblocks, dvalid, prefills, bs)
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 prepared: PrefixSharedPrepared, scale: float) -> torch.Tensor:
@@ -177,7 +182,8 @@ class PrefixSharedAttention:
             o_own = torch.empty_like(q)
             lse_own = torch.empty(n_tok, heads, dtype=torch.float32, device=q.device)
             if p.num_decodes:
-                o_own[p.decode_rows], lse_own[p.decode_rows] = self._decode_own(q[p.decode_rows], k_cache, v_cache, p, scale)
+                o_d, lse_d = self._decode_own(q[p.decode_rows], k_cache, v_cache, p, scale)
+                o_own[p.decode_rows], lse_own[p.decode_rows] = o_d, lse_d
         for start, n, bt, mask in p.prefills:
             t = mask.shape[1]
             # NOTE: q as [kvh, g, n, d] against k [kvh, 1, T, d]: the mask [n, T] broadcasts, no g fold needed.
@@ -217,13 +223,14 @@ class PrefixSharedAttention:
         return o.reshape(b, heads, d), lse.reshape(b, heads)
 
 
+def saved_tokens(meta: AttentionMetadata) -> int:
+    """KV tokens per layer the shared path does not read: about (members - 1) * prefix per group."""
+    return _kv_tokens(meta, "reference") - _kv_tokens(meta, "prefix-shared")
+
+
 def should_share(meta: AttentionMetadata) -> bool:
-    """True when some group in the step shares enough KV reads for the shared path to pay off."""
-    for blocks, members in _groups(meta).items():
-        m, plen = len(members), len(blocks) * meta.block_size
-        if m >= MIN_MEMBERS and plen >= MIN_PREFIX_TOKENS and (m - 1) * plen >= MIN_SAVED_TOKENS:
-            return True
-    return False
+    """True when the step's groups share enough KV reads for the shared path to pay off."""
+    return saved_tokens(meta) >= MIN_SAVED_TOKENS
 
 
 def select_backend(meta: AttentionMetadata) -> str:
@@ -231,21 +238,25 @@ def select_backend(meta: AttentionMetadata) -> str:
     return "prefix-shared" if should_share(meta) else "reference"
 
 
+def _kv_tokens(meta: AttentionMetadata, path: str) -> int:
+    tokens = sum(meta.context_lens)
+    if path == "prefix-shared":
+        for blocks, members in _groups(meta).items():
+            reads = -(-sum(meta.query_lens[i] for i in members) // MAX_ROWS)  # row pieces
+            tokens -= (len(members) - reads) * len(blocks) * meta.block_size
+    elif path != "reference":
+        raise ValueError(f"unknown path {path!r}")
+    return tokens
+
+
 def kv_bytes_read(meta: AttentionMetadata, path: str, num_layers: int, bytes_per_token_per_layer: int) -> int:
     """KV bytes one step reads on `path` (real tokens only; padding to the null block not counted).
 
     reference: every sequence reads its whole context. prefix-shared: each group prefix once
     (once per MAX_ROWS stacked query rows, which only prefill-heavy groups exceed), plus every
-    sequence's own part.
+    sequence's own part. `bytes_per_token_per_layer` = 2 * kv_heads * head_dim * element size.
     """
-    tokens = sum(meta.context_lens)
-    if path == "prefix-shared":
-        for blocks, members in _groups(meta).items():
-            reads = -(-sum(meta.query_lens[i] for i in members) // MAX_ROWS)
-            tokens -= (len(members) - reads) * len(blocks) * meta.block_size
-    elif path != "reference":
-        raise ValueError(f"unknown path {path!r}")
-    return tokens * num_layers * bytes_per_token_per_layer
+    return _kv_tokens(meta, path) * num_layers * bytes_per_token_per_layer
 
 
 @dataclass
