@@ -16,6 +16,7 @@ from batchllm.outputs import CompletionOutput, RequestOutput, RunStats
 from batchllm.planner import Plan, build_plan
 from batchllm.sampling_params import SamplingParams
 from batchllm.sequence import Sequence
+from batchllm.validation import prompt_errors
 
 import torch
 
@@ -66,26 +67,9 @@ class LLM:
 
     def validate(self, prompt_ids: list[list[int]], params: list[SamplingParams]) -> list[str]:
         """One message per invalid prompt ("prompt i: reason"); empty when all are valid."""
-        vocab = self.engine.model_config.vocab_size
-        limit = self.engine.max_model_len
-        pool_tokens = self.engine.num_blocks * self.config.block_size
-        errors = []
-        for i, (ids, p) in enumerate(zip(prompt_ids, params)):
-            why = None
-            if not ids:
-                why = "the prompt is empty"
-            elif not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
-                why = f"token ids must be integers in [0, {vocab})"
-            elif len(ids) >= limit:
-                why = f"the prompt has {len(ids)} tokens; max_model_len is {limit} (room for one output token needed)"
-            elif min(len(ids) + p.max_tokens, limit) > pool_tokens:
-                why = (f"prompt + max_tokens needs {min(len(ids) + p.max_tokens, limit)} KV tokens; "
-                       f"the KV pool holds {pool_tokens}")
-            elif p.problems():
-                why = "; ".join(p.problems())
-            if why is not None:
-                errors.append(f"prompt {i}: {why}")
-        return errors
+        return prompt_errors(prompt_ids, params, vocab_size=self.engine.model_config.vocab_size,
+                             max_model_len=self.engine.max_model_len,
+                             kv_pool_tokens=self.engine.num_blocks * self.config.block_size)
 
     def _make_seqs(self, prompt_ids: list[list[int]], params: list[SamplingParams]) -> list[Sequence]:
         seqs, seen = [], Counter()

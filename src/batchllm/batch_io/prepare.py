@@ -19,6 +19,7 @@ from typing import Any
 from batchllm.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig
 from batchllm.executor.sampler import derive_seed
 from batchllm.sampling_params import SamplingParams
+from batchllm.validation import prompt_errors
 from batchllm.tokenizer import Tokenizer
 
 from .requests import BatchRequest, ErrorRecord
@@ -93,24 +94,8 @@ def static_validator(limits: Limits) -> Validator:
     """The checks of `LLM.validate`, from `limits` alone (for `plan`, which loads no weights)."""
 
     def validate(prompt_ids: list[list[int]], params: list[SamplingParams]) -> list[str]:
-        errors = []
-        for i, (ids, p) in enumerate(zip(prompt_ids, params, strict=True)):
-            why = None
-            if not ids:
-                why = "the prompt is empty"
-            elif min(ids) < 0 or max(ids) >= limits.vocab_size:  # ints: parsed or from the tokenizer
-                why = f"token ids must be integers in [0, {limits.vocab_size})"
-            elif len(ids) >= limits.max_model_len:
-                why = (f"the prompt has {len(ids)} tokens; max_model_len is {limits.max_model_len} "
-                       f"(room for one output token needed)")
-            elif min(len(ids) + p.max_tokens, limits.max_model_len) > limits.kv_pool_tokens:
-                why = (f"prompt + max_tokens needs {min(len(ids) + p.max_tokens, limits.max_model_len)} KV "
-                       f"tokens; the KV pool holds {limits.kv_pool_tokens}")
-            elif p.problems():
-                why = "; ".join(p.problems())
-            if why is not None:
-                errors.append(f"prompt {i}: {why}")
-        return errors
+        return prompt_errors(prompt_ids, params, vocab_size=limits.vocab_size, max_model_len=limits.max_model_len,
+                             kv_pool_tokens=limits.kv_pool_tokens)
 
     return validate
 
