@@ -115,8 +115,8 @@ def run_case(groups: int, members: int, prefix: int, dtype: torch.dtype, args: a
     meta, nblocks = decode_step(groups, members, prefix, args.own, args.block_size)
     gen = torch.Generator().manual_seed(0)
     kvh, d = args.kv_heads, args.head_dim
-    k = torch.randn(nblocks * args.block_size, kvh, d, generator=gen).to(dtype)
-    v = torch.randn(nblocks * args.block_size, kvh, d, generator=gen).to(dtype)
+    k = torch.randn(kvh, nblocks * args.block_size, d, generator=gen).to(dtype)
+    v = torch.randn(kvh, nblocks * args.block_size, d, generator=gen).to(dtype)
     q = torch.randn(meta.num_tokens, args.heads, d, generator=gen).to(dtype)
     bpt = 2 * kvh * d * k.element_size()  # K and V bytes per token per layer
     row = {"G": groups, "m": members, "L": prefix, "dtype": str(dtype).removeprefix("torch."),

@@ -24,7 +24,7 @@ from batchllm.attention.prefix_shared import (  # noqa: E402
     select_backend,
     should_share,
 )
-from batchllm.attention.reference import ReferenceAttention, attend  # noqa: E402
+from batchllm.attention.reference import FLASH_MIN_ROWS, ReferenceAttention, attend  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -57,10 +57,10 @@ def make_step(rng: random.Random, groups: list[tuple[int, list[tuple[int, int]]]
 
 def random_pool(meta: AttentionMetadata, kvh: int, d: int, dtype: torch.dtype, gen: torch.Generator):
     slots = meta.num_blocks * meta.block_size
-    k = torch.randn(slots, kvh, d, generator=gen).to(dtype)
-    v = torch.randn(slots, kvh, d, generator=gen).to(dtype)
-    k[: meta.block_size] = 0  # null block
-    v[: meta.block_size] = 0
+    k = torch.randn(kvh, slots, d, generator=gen).to(dtype)
+    v = torch.randn(kvh, slots, d, generator=gen).to(dtype)
+    k[:, : meta.block_size] = 0  # null block
+    v[:, : meta.block_size] = 0
     return k, v
 
 
@@ -197,3 +197,22 @@ def test_row_pieces_and_identity_maps(monkeypatch: pytest.MonkeyPatch) -> None:
     prep = PrefixSharedAttention().prepare(meta)
     assert prep.decode_rows is None and prep.buckets[0].dst is None and prep.buckets[0].src is None
     compare(meta, 8, 2, 16, torch.float32, seed=8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flash_and_matmul_attend_agree(dtype: torch.dtype) -> None:
+    """`attend` takes the flash kernel from FLASH_MIN_ROWS rows on; both paths give the same
+    out and lse, and fully masked rows give out 0 and lse -inf on both."""
+    gen = torch.Generator().manual_seed(2)
+    rows = FLASH_MIN_ROWS + 3
+    q = torch.randn(3, 2, rows, 16, generator=gen).to(dtype)
+    k, v = (torch.randn(3, 2, 40, 16, generator=gen).to(dtype) for _ in range(2))
+    mask = torch.rand(3, 1, rows, 40, generator=gen) < 0.7
+    mask[1, :, 5] = False  # one row with nothing to attend to
+    flash_o, flash_lse = attend(q, k, v, mask, 0.25)
+    parts = [attend(q[..., i:i + 1, :], k, v, mask[..., i:i + 1, :], 0.25) for i in range(rows)]
+    ref_o, ref_lse = torch.cat([o for o, _ in parts], dim=2), torch.cat([lse for _, lse in parts], dim=2)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(flash_o.float(), ref_o.float(), **tol)
+    torch.testing.assert_close(flash_lse, ref_lse, **tol)
+    assert flash_lse[1, :, 5].eq(float("-inf")).all() and flash_o[1, :, 5].eq(0).all()

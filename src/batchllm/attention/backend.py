@@ -14,7 +14,7 @@ class AttentionBackend(Protocol):
 
     `prepare` runs once per step (index tensors, bucketing); `forward` runs once per layer.
     Contract of `forward`: `q` is [num_tokens, num_heads, head_dim] in the step's flat layout;
-    `k_cache`/`v_cache` are one layer's pool, [num_slots, num_kv_heads, head_dim], already
+    `k_cache`/`v_cache` are one layer's pool, [num_kv_heads, num_slots, head_dim], already
     holding this step's new KV; returns [num_tokens, num_heads, head_dim]. A query at position p
     of its sequence attends to that sequence's KV positions 0..p (causal).
     """

@@ -13,8 +13,9 @@ from batchllm.scheduler.scheduler import SchedulerOutput
 class ModelRunner:
     """Packs the scheduled tokens of every sequence into one flat batch (no padding) and runs it.
 
-    The KV pool is one tensor [layers, 2, (num_blocks + 1) * block_size, kv_heads, head_dim];
-    slot `b * block_size + i` holds position i of block b. Block 0 is the null block.
+    The KV pool is one tensor [layers, 2, kv_heads, (num_blocks + 1) * block_size, head_dim]
+    (head-major, see `gather_kv`); slot `b * block_size + i` holds position i of block b. Block 0
+    is the null block.
     """
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
@@ -25,7 +26,7 @@ class ModelRunner:
         self.device = device
         self.backend = backend
         # NOTE: zero-filled so padded or masked reads never meet NaN (0 * NaN would poison a row).
-        self.kv_cache = torch.zeros(cfg.num_layers, 2, (num_blocks + 1) * block_size, cfg.num_kv_heads,
+        self.kv_cache = torch.zeros(cfg.num_layers, 2, cfg.num_kv_heads, (num_blocks + 1) * block_size,
                                     cfg.head_dim, dtype=dtype, device=device)
         self.last_path = ""
 
@@ -34,10 +35,10 @@ class ModelRunner:
         if not copies:
             return
         bs = self.block_size
-        pool = self.kv_cache.view(*self.kv_cache.shape[:2], -1, bs, *self.kv_cache.shape[3:])
+        pool = self.kv_cache.view(*self.kv_cache.shape[:3], -1, bs, self.kv_cache.shape[-1])
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
-        pool[:, :, dst] = pool[:, :, src]
+        pool[:, :, :, dst] = pool[:, :, :, src]
 
     def run(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
         """Compute the scheduled tokens; return logits [rows, vocab] and the indices (into
