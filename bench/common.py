@@ -12,12 +12,13 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def model_folder(shape: str = "tiny", arch: str = "llama", dtype: str = "bfloat16") -> str:
-    """A random-weight model folder of `shape`, built once into the cache."""
+    """A random-weight model folder of `shape`, built once into the cache, with an 8,192-token
+    context (the micro-long workload's prompts have 4,100 tokens)."""
     from batchllm.testing import make_tiny_model
 
-    path = CACHE / f"bench-{arch}-{shape}-{dtype}"
+    path = CACHE / f"bench-{arch}-{shape}-{dtype}-ctx8k"
     if not (path / "config.json").exists():
-        make_tiny_model(path, arch=arch, shape=shape, dtype=dtype, seed=0)
+        make_tiny_model(path, arch=arch, shape=shape, dtype=dtype, seed=0, max_position_embeddings=8192)
     return str(path)
 
 

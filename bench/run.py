@@ -83,6 +83,8 @@ def main() -> None:
                     help="workloads also run on the small shape (the full set takes hours there)")
     ap.add_argument("--small-engines", default="batchllm,vllm,llama.cpp,hf",
                     help="engines run on the small shape (our fcfs-lru baseline alone takes ~10 min there)")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the runs of the previous report that this invocation does not repeat")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per engine run")
     ap.add_argument("--profile", default="micro,no-sharing",
@@ -137,8 +139,17 @@ def main() -> None:
         profile += (proc.stdout.strip().splitlines() if proc.returncode == 0
                     else [f"profile of {name} failed: {proc.stderr[-400:]}"]) + [""]
     data["profile"] = profile
+    if args.merge and (RESULTS / f"{tag}.json").exists():
+        old = json.loads((RESULTS / f"{tag}.json").read_text())
+        done = {(r["shape"], r["workload"]) for r in runs}
+        order = {n: i for i, n in enumerate(WORKLOADS)}
+        data["runs"] = sorted([r for r in old["runs"] if (r["shape"], r["workload"]) not in done] + runs,
+                              key=lambda r: (r["shape"] != "tiny", order[r["workload"]]))
+        data["peaks"] = {**old["peaks"], **peaks}
+        data["profile"] = profile or old.get("profile", [])
+        data["command"] = f"{old['command']}; then {data['command']}"
     (RESULTS / f"{tag}.json").write_text(json.dumps(data, indent=1))
-    print(f"report: {write_report(data, RESULTS, tag, profile)}")
+    print(f"report: {write_report(data, RESULTS, tag, data['profile'])}")
 
 
 def machine() -> dict:
