@@ -24,6 +24,13 @@ class Peak:
         return asdict(self)
 
 
+def _dims(cfg: dict) -> tuple[int, int, int, int, int]:
+    """(hidden, intermediate, heads, KV heads, head dim) of an HF config.json."""
+    heads = cfg["num_attention_heads"]
+    return (cfg["hidden_size"], cfg["intermediate_size"], heads, cfg.get("num_key_value_heads") or heads,
+            cfg.get("head_dim") or cfg["hidden_size"] // heads)
+
+
 def _best_time(fn, repeats: int) -> float:
     fn()
     best = float("inf")
@@ -38,10 +45,7 @@ def measure_peak(cfg: dict, threads: int = 2, m: int = 2048, repeats: int = 5) -
     """bf16 GEMM GFLOP/s for the q/k/v, o, gate/up and down projections of `cfg` (an HF
     config.json), and copy bandwidth over 512 MiB."""
     torch.set_num_threads(threads)
-    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    heads = cfg["num_attention_heads"]
-    kvh = cfg.get("num_key_value_heads") or heads
-    d = cfg.get("head_dim") or h // heads
+    h, inter, heads, kvh, d = _dims(cfg)
     shapes = {"qkv": (h, (heads + 2 * kvh) * d), "o": (heads * d, h), "gate_up": (h, 2 * inter),
               "down": (inter, h), "square-2048": (2048, 2048)}
     by_shape = {}
@@ -59,10 +63,8 @@ def measure_peak(cfg: dict, threads: int = 2, m: int = 2048, repeats: int = 5) -
 def flops_per_token(cfg: dict) -> tuple[float, float, float]:
     """(linear FLOPs of one token through all layers, LM-head FLOPs of one token, attention
     FLOPs per token per key position across layers)."""
-    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    heads = cfg["num_attention_heads"]
-    kvh = cfg.get("num_key_value_heads") or heads
-    d = cfg.get("head_dim") or h // heads
+    h, inter, heads, kvh, d = _dims(cfg)
+    layers = cfg["num_hidden_layers"]
     linear = 2 * layers * (h * (heads + 2 * kvh) * d + heads * d * h + 3 * h * inter)
     return float(linear), float(2 * h * cfg["vocab_size"]), float(layers * heads * 4 * d)
 

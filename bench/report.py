@@ -36,11 +36,11 @@ def _run_table(run: dict, peaks: dict) -> list[str]:
         if not _ok(r):
             rows.append(f"| {engine} | | | | | | | | **no result**: {r.get('error', '?')[:200]} |")
             continue
-        ratio = run["results"]["batchllm"]["batch_s"] / r["batch_s"] if _ok(run["results"].get("batchllm", {})) else None
+        ratio = speedup(run, engine)
         a = r.get("agreement")
         agree = f"{a['first_token']:.0%} / {a['tokens']:.0%} / {a['sequences']:.0%}" if a else ""
         frac = limit_fraction(run, engine, peaks)
-        speed = f"{1 / ratio:.2f}x" if ratio else ""
+        speed = f"{ratio:.2f}x" if ratio else ""
         notes = r.get("notes", "").replace("|", "/").replace("\n", " ")[:160]
         rows.append(f"| {engine} | {r['start_s']:.1f} | {r['batch_s']:.2f} | {total / r['batch_s']:.0f} | "
                     f"{run['output_tokens'] / r['batch_s']:.0f} | {speed} | {frac:.1%} | {agree} | {notes} |")

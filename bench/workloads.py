@@ -43,20 +43,21 @@ def _grouped(rng: random.Random, groups: list[tuple[int, int, tuple[int, int]]])
     return [p for _, p in items], by_group
 
 
+def _contexts(name: str, seed: int, n_groups: int, size: int, context: int, kv_tokens: int) -> Workload:
+    """`n_groups` shared contexts of `context` tokens, `size` members each with 100 distinct
+    tokens, 50 output tokens, shuffled."""
+    prompts, groups = _grouped(random.Random(seed), [(size, context, (100, 100))] * n_groups)
+    return Workload(name, prompts, 50, kv_tokens, groups,
+                    f"{n_groups * size} requests, {n_groups} groups of {size}, {context:,}-token contexts + 100 "
+                    f"distinct tokens, 50 output tokens, shuffled, KV {kv_tokens:,} tokens")
+
+
 def micro(quick: bool, seed: int = 0) -> Workload:
-    n_groups, size = (4, 8) if quick else (16, 16)
-    prompts, groups = _grouped(random.Random(seed), [(size, 1000, (100, 100))] * n_groups)
-    return Workload("micro", prompts, 50, 12_000, groups,
-                    f"{n_groups * size} requests, {n_groups} groups of {size}, 1,000-token contexts + 100 "
-                    "distinct tokens, 50 output tokens, shuffled, KV 12,000 tokens")
+    return _contexts("micro", seed, *((4, 8) if quick else (16, 16)), 1000, 12_000)
 
 
 def micro_long(quick: bool, seed: int = 1) -> Workload:
-    n_groups, size = (2, 8) if quick else (16, 8)
-    prompts, groups = _grouped(random.Random(seed), [(size, 4000, (100, 100))] * n_groups)
-    return Workload("micro-long", prompts, 50, 24_000, groups,
-                    f"{n_groups * size} requests, {n_groups} groups of {size}, 4,000-token contexts + 100 "
-                    "distinct tokens, 50 output tokens, shuffled, KV 24,000 tokens")
+    return _contexts("micro-long", seed, *((2, 8) if quick else (16, 8)), 4000, 24_000)
 
 
 def decode_heavy(quick: bool, seed: int = 2) -> Workload:

@@ -35,9 +35,11 @@ MIN_SAVED_TOKENS = 3072
 # to end than slack 2.0 / 4 buckets.
 BUCKET_SLACK = 1.25
 MAX_BUCKETS = 8
-# NOTE: attend materialises fp32 scores [rows x heads x KV]; query rows are cut into pieces of at
-# most MAX_ROWS (a group's stacked rows, a prefill chunk) to bound memory (512 x 8 heads x 4096 KV
-# = 64 MiB). Decode groups have one row per member, so only groups of > 512 get cut.
+# NOTE: query rows are cut into pieces of at most MAX_ROWS (a group's stacked rows, a continuing
+# prefill chunk) to bound per-pass memory: the additive mask of a continuing chunk piece (512 x 8
+# heads x 4096 KV) and, below `FLASH_MIN_ROWS`, attend's fp32 scores. Fresh chunks run causal
+# without a mask and are not cut. Decode groups have one row per member, so only groups of > 512
+# get cut.
 MAX_ROWS = 512
 
 
@@ -214,17 +216,15 @@ class PrefixSharedAttention:
                 o_own[p.decode_rows], lse_own[p.decode_rows] = o_d, lse_d
         for pc in p.prefills:
             start, n, t = pc.start, pc.n, pc.t
+            k = gather_kv(k_cache, pc.blocks, bs)[:, :t][None]  # [1, kvh, t, d]
+            v = gather_kv(v_cache, pc.blocks, bs)[:, :t][None]
             if pc.mask is None:
-                k = gather_kv(k_cache, pc.blocks, bs)[:, :t][None]  # [1, kvh, t, d]
-                v = gather_kv(v_cache, pc.blocks, bs)[:, :t][None]
                 o, lse = attend_causal(q[start:start + n].transpose(0, 1)[None], k, v, scale)
                 o_own[start:start + n], lse_own[start:start + n] = o[0].transpose(0, 1), lse[0].transpose(0, 1)
                 continue
             # NOTE: the g query heads of a KV head are folded into rows ([1, kvh, g*n, d]), so the
             # mask [n, T] is repeated per folded head.
             qp = q[start:start + n].view(n, kvh, g, d).permute(1, 2, 0, 3).reshape(1, kvh, g * n, d)
-            k = gather_kv(k_cache, pc.blocks, bs)[:, :t][None]  # [1, kvh, t, d]
-            v = gather_kv(v_cache, pc.blocks, bs)[:, :t][None]
             # NOTE: every query sees at least its own position, so no row is fully masked.
             o, lse = attend(qp, k, v, None, scale, bias=pc.bias(q.dtype, g))  # [1, kvh, g*n, d]
             o_own[start:start + n] = o.view(kvh, g, n, d).permute(2, 0, 1, 3).reshape(n, heads, d)
