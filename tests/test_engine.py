@@ -6,6 +6,7 @@ transformers is the oracle only: it is imported lazily and every HF model is loa
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -434,3 +435,19 @@ def test_chat_renders_the_template_like_transformers(arch: str, model_factory: C
     # a single conversation is accepted too
     one = llm.chat(CONVERSATION, greedy(4), use_tqdm=False)
     assert len(one) == 1 and one[0].prompt_token_ids == outs[0].prompt_token_ids
+
+
+def test_keep_heap_is_applied_on_cpu_unless_switched_off(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import batchllm.engine as engine_module
+    calls: list[bool] = []
+    monkeypatch.setattr(engine_module, "keep_heap", lambda: calls.append(True) or True)
+    LLM(llama_dir, num_kv_blocks=8, keep_heap=False)
+    assert calls == []
+    LLM(llama_dir, num_kv_blocks=8)
+    assert calls == [True]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keep_heap_is_accepted_by_glibc() -> None:
+    from batchllm.executor.malloc import keep_heap
+    assert keep_heap() is True

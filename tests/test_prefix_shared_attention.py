@@ -24,7 +24,7 @@ from batchllm.attention.prefix_shared import (  # noqa: E402
     select_backend,
     should_share,
 )
-from batchllm.attention.reference import FLASH_MIN_ROWS, ReferenceAttention, attend  # noqa: E402
+from batchllm.attention.reference import ReferenceAttention, attend, flash_min_rows  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -201,10 +201,10 @@ def test_row_pieces_and_identity_maps(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_flash_and_matmul_attend_agree(dtype: torch.dtype) -> None:
-    """`attend` takes the flash kernel from FLASH_MIN_ROWS rows on; both paths give the same
+    """`attend` takes the flash kernel from `flash_min_rows(dtype)` rows on; both paths give the same
     out and lse, and fully masked rows give out 0 and lse -inf on both."""
     gen = torch.Generator().manual_seed(2)
-    rows = FLASH_MIN_ROWS + 3
+    rows = flash_min_rows(dtype) + 3
     q = torch.randn(3, 2, rows, 16, generator=gen).to(dtype)
     k, v = (torch.randn(3, 2, 40, 16, generator=gen).to(dtype) for _ in range(2))
     mask = torch.rand(3, 1, rows, 40, generator=gen) < 0.7

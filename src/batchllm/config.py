@@ -40,6 +40,8 @@ class EngineConfig:
     partial_block: Literal["copy", "recompute"] = "copy"
     attention: str = "auto"
     lpm_window: int = 128
+    # On CPU: keep freed memory in malloc's heap instead of unmapping it (executor/malloc.py).
+    keep_heap: bool = True
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> "EngineConfig":

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from batchllm.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig
+from batchllm.executor.malloc import keep_heap
 from batchllm.executor.runner import ModelRunner
 from batchllm.executor.sampler import Sampler
 from batchllm.models.loader import DTYPES, load_model, read_config
@@ -34,6 +35,8 @@ class Engine:
         dtype_name = mc.dtype if config.dtype == "auto" else config.dtype
         self.dtype = DTYPES[dtype_name]
         self.device = torch.device(config.device)
+        if config.keep_heap and self.device.type == "cpu":
+            keep_heap()
         limit = mc.max_position_embeddings
         if mc.sliding_window:  # NOTE: no sliding-window attention: stay inside the window.
             limit = min(limit, mc.sliding_window)

@@ -12,20 +12,20 @@ from batchllm.attention.reference import ReferenceAttention, additive_mask, atte
 
 Mode = Literal["auto", "prefix-shared", "reference"]
 
-# NOTE: threshold measured with `bench/bench_attention.py --sweep --groups 1` on the 2-core dev CPU
-# (decode, 8 q / 2 KV heads, d 64, own part 100, block 16, 2 threads, quiet machine: stall <= 3%).
-# Speedup of the shared path over the reference for m members and prefix L (saved = (m-1)*L):
-#   bf16 L=64:   m=1..32 0.47 0.42 0.49 0.59 1.67* 0.77  L=256: 0.46 0.46 0.61 0.78 2.47 3.63
-#        L=1000: 0.65 0.68 0.89 4.39 5.84 7.00
-#   fp32 L=64:   0.46 0.38 0.56 0.66 0.79 0.99           L=256: 0.54 0.50 0.74 0.96 1.51 1.80
-#        L=1000: 0.70 0.66 1.20 1.68 2.53 5.79
-# The shared path pays a fixed extra attention pass + merge (~0.2-0.3 ms) and skips reading the
-# (m-1)*L prefix tokens: it loses below ~2000 saved tokens, ties around 3000 (bf16 0.89, fp32 1.20
-# at m=4 L=1000), wins from ~3800 (m=16 L=256: 2.47 / 1.51). Savings add up over groups, since all
-# groups share one batched pass (G=4 m=2 L=1000, 3968 saved: 3.1 / 1.26; G=8 m=2 L=256, 2048 saved:
-# 2.15 / 0.89). *: a slow reference shape, not a trend. The paper's cut-off (16 decoding members)
-# matches at L=256 only.
-MIN_SAVED_TOKENS = 3072
+# NOTE: threshold measured with `bench/bench_attention.py --sweep --groups 1 --rounds 2` on the
+# 2-core dev CPU (decode, 8 q / 2 KV heads, d 64, own part 100, block 16, 2 threads, the engine's
+# allocator setting). Speedup of the shared path over the reference for m members and prefix L
+# (saved = (m-1)*L tokens):
+#   bf16 L=64:   m=1..32 0.50 0.47 0.52 0.58 0.64 0.62  L=256: 0.47 0.48 0.54 0.63 0.63 0.82
+#        L=1000: 0.54 0.63 0.65 0.84 1.08 1.68
+#   fp32 L=64:   0.53 0.45 0.54 0.61 0.69 0.76           L=256: 0.43 0.46 0.55 0.69 0.82 1.04
+#        L=1000: 0.54 0.58 0.85 1.05 1.55 2.68
+# The shared path pays a fixed extra pass + merge per step (~0.25 ms per layer) and skips reading
+# the saved tokens. One group breaks even near 7,000 (fp32) to 15,000 (bf16) saved tokens; with
+# several groups the reference reads more and the same savings pay off sooner (bf16: G=8 m=2
+# L=1000, 7,936 saved: 1.23x; G=4 m=4 L=1000, 11,904: 1.18x; G=16 m=4 L=256, 12,288: 1.29x).
+# 8,192 sits between; a lone group just above it loses at most ~20% (bf16 m=32 L=256: 0.82x).
+MIN_SAVED_TOKENS = 8192
 
 # NOTE: groups are padded together into buckets; a bucket is split when its padded
 # rows x prefix area would exceed BUCKET_SLACK x the real area; at most MAX_BUCKETS buckets, so the
@@ -37,9 +37,9 @@ BUCKET_SLACK = 1.25
 MAX_BUCKETS = 8
 # NOTE: query rows are cut into pieces of at most MAX_ROWS (a group's stacked rows, a continuing
 # prefill chunk) to bound per-pass memory: the additive mask of a continuing chunk piece (512 x 8
-# heads x 4096 KV) and, below `FLASH_MIN_ROWS`, attend's fp32 scores. Fresh chunks run causal
-# without a mask and are not cut. Decode groups have one row per member, so only groups of > 512
-# get cut.
+# heads x 4096 KV) and, on the matmul path (`flash_min_rows`), attend's fp32 scores. Fresh
+# chunks run causal without a mask and are not cut. Decode groups have one row per member, so
+# only groups of > 512 get cut.
 MAX_ROWS = 512
 
 

