@@ -84,13 +84,17 @@ def main() -> None:
     ap.add_argument("--small-engines", default="batchllm,vllm,llama.cpp,hf",
                     help="engines run on the small shape (our fcfs-lru baseline alone takes ~10 min there)")
     ap.add_argument("--merge", action="store_true",
-                    help="keep the runs of the previous report that this invocation does not repeat")
+                    help="keep what this invocation does not repeat: other workloads from the previous "
+                         "report, other engines' last results on the same workload spec (marked as earlier "
+                         "runs; `--engines ''` only rebuilds the report)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per engine run")
     ap.add_argument("--profile", default="micro,no-sharing",
                     help="workloads (tiny shape) whose batchllm time is broken down by bench/profile_engine.py")
     args = ap.parse_args()
-    engines = args.engines.split(",")
+    engines = [e for e in args.engines.split(",") if e]
+    if not engines and not args.merge:
+        ap.error("no engines to run: `--engines ''` only rebuilds a report with --merge")
     unknown = [e for e in engines if e not in ENGINES]
     if unknown:
         ap.error(f"unknown engine(s) {unknown}; known: {', '.join(ENGINES)}")
@@ -104,9 +108,10 @@ def main() -> None:
     for shape in shapes:
         model = model_folder(shape)
         cfg = json.loads((Path(model) / "config.json").read_text())
-        peaks[shape] = measure_peak(cfg, args.threads).to_dict()
-        print(f"[{shape}] bf16 GEMM peak {peaks[shape]['gemm_gflops']:.0f} GFLOP/s, copy "
-              f"{peaks[shape]['copy_gb_s']:.0f} GB/s", flush=True)
+        if engines:  # NOTE: a report-only merge keeps the peak measured with the runs it reports
+            peaks[shape] = measure_peak(cfg, args.threads).to_dict()
+            print(f"[{shape}] bf16 GEMM peak {peaks[shape]['gemm_gflops']:.0f} GFLOP/s, copy "
+                  f"{peaks[shape]['copy_gb_s']:.0f} GB/s", flush=True)
         for name in names:
             if shape != "tiny" and name not in args.small_workloads.split(","):
                 continue
@@ -120,6 +125,12 @@ def main() -> None:
                 results[engine] = r
                 msg = r.get("error") or f"start {r['start_s']:.1f} s, batch {r['batch_s']:.2f} s"
                 print(f"[{shape}] {name:13s} {engine:18s} {msg}", flush=True)
+            for engine in ENGINES if args.merge else ():
+                earlier = raw / f"{shape}-{name}-{engine}.json"
+                if engine not in results and earlier.exists():  # same seeded spec, an earlier invocation
+                    r = json.loads(earlier.read_text())
+                    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(earlier.stat().st_mtime))
+                    results[engine] = dict(r, engine=engine, notes=f"earlier invocation ({when}); {r.get('notes', '')}")
             ours = results.get("batchllm", {}).get("outputs")
             for engine, r in results.items():
                 if ours is not None and "outputs" in r:
