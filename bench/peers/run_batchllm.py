@@ -6,11 +6,10 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from spec import Result, base_parser, check_outputs, load_spec, write_result  # noqa: E402
+from spec import Result, base_parser, check_outputs, load_spec, timed, write_result  # noqa: E402
 
 STATS = ("computed_prefill_tokens", "logical_prefill_tokens", "peak_kv_tokens", "steps", "tokens_per_step",
          "preemptions", "num_kv_blocks", "block_size", "prefix_shared_attention_steps", "saving")
@@ -39,21 +38,13 @@ def main() -> None:
     if args.attention is not None:
         kwargs["attention"] = args.attention
 
-    t0 = time.perf_counter()
-    llm = LLM(spec.model, **kwargs)
-    start_s = time.perf_counter() - t0
+    llm, start_s = timed(lambda: LLM(spec.model, **kwargs))
 
     params = SamplingParams(temperature=0, max_tokens=spec.max_tokens, ignore_eos=True)
-    warm = spec.warmup()
-    t0 = time.perf_counter()
-    if warm:
-        llm.generate([{"prompt_token_ids": p} for p in warm], params, use_tqdm=False)
-    warmup_s = time.perf_counter() - t0
-
+    warm = [{"prompt_token_ids": p} for p in spec.warmup()]
+    _, warmup_s = timed(lambda: warm and llm.generate(warm, params, use_tqdm=False))
     prompts = [{"prompt_token_ids": p} for p in spec.prompts]
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    batch_s = time.perf_counter() - t0
+    outs, batch_s = timed(lambda: llm.generate(prompts, params, use_tqdm=False))
 
     outputs = [list(o.outputs[0].token_ids) for o in outs]
     check_outputs(spec, outputs)

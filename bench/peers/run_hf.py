@@ -10,11 +10,10 @@ before batching (less padding) and the outputs are returned in input order.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from spec import Result, base_parser, check_outputs, load_spec, write_result  # noqa: E402
+from spec import Result, base_parser, check_outputs, load_spec, timed, write_result  # noqa: E402
 
 
 def main() -> None:
@@ -31,10 +30,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, spec.dtype)
-    t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=dtype, attn_implementation=args.attn)
-    model.eval()
-    start_s = time.perf_counter() - t0
+    model, start_s = timed(lambda: AutoModelForCausalLM.from_pretrained(
+        spec.model, dtype=dtype, attn_implementation=args.attn).eval())
 
     cfg = model.config
     pad_id = cfg.pad_token_id
@@ -69,14 +66,8 @@ def main() -> None:
                 outs[i] = gen[r, width:].tolist()
         return outs  # type: ignore[return-value]
 
-    t0 = time.perf_counter()
-    if spec.warmup():
-        run(spec.warmup())
-    warmup_s = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    outputs = run(spec.prompts)
-    batch_s = time.perf_counter() - t0
+    _, warmup_s = timed(lambda: spec.warmup() and run(spec.warmup()))
+    outputs, batch_s = timed(lambda: run(spec.prompts))
     check_outputs(spec, outputs)
 
     result = Result(

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from spec import Result, Spec, base_parser, check_outputs, load_spec, write_result  # noqa: E402
+from spec import Result, Spec, base_parser, check_outputs, load_spec, timed, write_result  # noqa: E402
 
 KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30}
 FLASH = {"auto": -1, "off": 0, "on": 1}
@@ -300,15 +300,13 @@ def main() -> None:
     groups = prefix_groups(spec, args.min_prefix)
     reuse = not args.no_prefix_reuse
 
-    t0 = time.perf_counter()
-    if spec.warmup():
-        wspec = Spec(**{**spec.__dict__, "prompts": spec.warmup(), "groups": None})
-        eng.generate(wspec.prompts, prefix_groups(wspec, args.min_prefix), spec.max_tokens, reuse)
-    warmup_s = time.perf_counter() - t0
+    def warm_up() -> None:
+        if spec.warmup():
+            wspec = Spec(**{**spec.__dict__, "prompts": spec.warmup(), "groups": None})
+            eng.generate(wspec.prompts, prefix_groups(wspec, args.min_prefix), spec.max_tokens, reuse)
 
-    t0 = time.perf_counter()
-    outputs, st = eng.generate(spec.prompts, groups, spec.max_tokens, reuse)
-    batch_s = time.perf_counter() - t0
+    _, warmup_s = timed(warm_up)
+    (outputs, st), batch_s = timed(lambda: eng.generate(spec.prompts, groups, spec.max_tokens, reuse))
     check_outputs(spec, outputs)
 
     n_shared = sum(1 for g, pre in groups if len(g) > 1 and pre > 0)

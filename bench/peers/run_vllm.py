@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 # vLLM keeps a core for its front end and computes on one thread unless told otherwise (peer notes).
@@ -26,7 +25,7 @@ os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_mem
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from spec import Result, base_parser, check_outputs, load_spec, write_result  # noqa: E402
+from spec import Result, base_parser, check_outputs, load_spec, timed, write_result  # noqa: E402
 
 
 def main() -> None:
@@ -66,9 +65,7 @@ def main() -> None:
     if args.block_size:
         kw["block_size"] = args.block_size
 
-    t0 = time.perf_counter()
-    llm = LLM(**kw)
-    start_s = time.perf_counter() - t0
+    llm, start_s = timed(lambda: LLM(**kw))
 
     vc = llm.llm_engine.vllm_config
     cc, sc = vc.cache_config, vc.scheduler_config
@@ -77,16 +74,15 @@ def main() -> None:
     logged = int((cc.num_gpu_blocks or 0) / -(-max_model_len // cc.block_size) * max_model_len)
     params = SamplingParams(temperature=0, max_tokens=spec.max_tokens, ignore_eos=True)
 
-    t0 = time.perf_counter()
-    if spec.warmup():
-        llm.generate([{"prompt_token_ids": p} for p in spec.warmup()], params, use_tqdm=False)
-    reset = bool(llm.reset_prefix_cache()) if not args.no_prefix_caching else False
-    warmup_s = time.perf_counter() - t0
+    def warm_up() -> bool:
+        """Warm-up batch, then empty the prefix cache so the timed batch starts cold."""
+        if spec.warmup():
+            llm.generate([{"prompt_token_ids": p} for p in spec.warmup()], params, use_tqdm=False)
+        return bool(llm.reset_prefix_cache()) if not args.no_prefix_caching else False
 
+    reset, warmup_s = timed(warm_up)
     prompts = [{"prompt_token_ids": p} for p in spec.prompts]
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    batch_s = time.perf_counter() - t0
+    outs, batch_s = timed(lambda: llm.generate(prompts, params, use_tqdm=False))
     outputs = [list(o.outputs[0].token_ids) for o in outs]
     check_outputs(spec, outputs)
 

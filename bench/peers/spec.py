@@ -25,7 +25,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -138,10 +140,8 @@ def check_outputs(spec: Spec, outputs: list[list[int]]) -> None:
         raise RuntimeError(f"{len(bad)} outputs are not {spec.max_tokens} tokens long (first: prompt {bad[0]})")
 
 
-class Timer:
-    def __enter__(self) -> "Timer":
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.s = time.perf_counter() - self.t0
+def timed(fn: Callable[[], T]) -> tuple[T, float]:
+    """Call `fn`; return its result and the seconds it took (engine start, warm-up, batch)."""
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
