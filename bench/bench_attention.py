@@ -33,6 +33,7 @@ from batchllm.attention.metadata import AttentionMetadata, build_metadata  # noq
 from batchllm.attention.prefix_shared import PrefixSharedAttention, kv_bytes_read, select_backend  # noqa: E402
 from batchllm.attention.reference import ReferenceAttention  # noqa: E402
 from batchllm.executor.malloc import keep_heap  # noqa: E402
+from batchllm.kernels.cpu import load_cpu_kernels  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -122,7 +123,12 @@ def run_case(groups: int, members: int, prefix: int, dtype: torch.dtype, args: a
     bpt = 2 * kvh * d * k.element_size()  # K and V bytes per token per layer
     row = {"G": groups, "m": members, "L": prefix, "dtype": str(dtype).removeprefix("torch."),
            "auto": select_backend(meta)}
-    backends = {"ref": ReferenceAttention(), "ps": PrefixSharedAttention()}
+    # NOTE: ref and ps run as the engine runs them (with the C kernels unless --no-kernels);
+    # ref_pt is the all-PyTorch reference, timed too so both baselines stay visible.
+    kernels = None if args.no_kernels else load_cpu_kernels()
+    backends = {"ref": ReferenceAttention(kernels), "ps": PrefixSharedAttention(kernels)}
+    if kernels is not None:
+        backends["ref_pt"] = ReferenceAttention()
     preps = {n: be.prepare(meta) for n, be in backends.items()}
     fwd = {n: (lambda be=be, p=preps[n]: be.forward(q, k, v, p, d ** -0.5)) for n, be in backends.items()}
     prep_t = paired_times({n: (lambda be=be: be.prepare(meta)) for n, be in backends.items()}, 5, 1, 0.005)
@@ -132,20 +138,22 @@ def run_case(groups: int, members: int, prefix: int, dtype: torch.dtype, args: a
     # NOTE: share of the time other tasks waited for a core while we measured: a load indicator.
     row["stall"] = (cpu_stall_us() - stall0) / 1e6 / (time.perf_counter() - t0)
     for n in backends:
-        path = "reference" if n == "ref" else "prefix-shared"
+        path = "prefix-shared" if n == "ps" else "reference"
         row[f"{n}_prep_ms"] = statistics.median(prep_t[n]) * 1e3
         row[f"{n}_ms"] = statistics.median(times[n]) * 1e3
         row[f"{n}_MB"] = kv_bytes_read(meta, path, 1, bpt) / 1e6
         row[f"{n}_GBs"] = row[f"{n}_MB"] / row[f"{n}_ms"]  # MB/ms == GB/s
     ratios = [r / p for r, p in zip(times["ref"], times["ps"])]
     row["speedup"] = statistics.median(ratios)  # median of paired ratios (robust to load bursts)
+    row["vs_pt"] = statistics.median(r / p for r, p in zip(times.get("ref_pt", times["ref"]), times["ps"]))
+    row["kernels"] = "C" if kernels is not None else "torch"
     row["spread"] = max(spread(times["ref"]), spread(times["ps"]))
     row["max_err"] = float((fwd["ref"]().float() - fwd["ps"]().float()).abs().max())
     return row
 
 
-COLS = [("G", "{:>3}"), ("m", "{:>3}"), ("L", "{:>5}"), ("dtype", "{:>8}"), ("ref_ms", "{:>8.3f}"),
-        ("ps_ms", "{:>8.3f}"), ("speedup", "{:>7.2f}"), ("ref_MB", "{:>8.2f}"), ("ps_MB", "{:>7.2f}"),
+COLS = [("G", "{:>3}"), ("m", "{:>3}"), ("L", "{:>5}"), ("dtype", "{:>8}"), ("kernels", "{:>7}"),
+        ("ref_ms", "{:>8.3f}"), ("ps_ms", "{:>8.3f}"), ("speedup", "{:>7.2f}"), ("vs_pt", "{:>6.2f}"), ("ref_MB", "{:>8.2f}"), ("ps_MB", "{:>7.2f}"),
         ("ref_GBs", "{:>7.1f}"), ("ps_GBs", "{:>7.1f}"), ("ref_prep_ms", "{:>11.3f}"),
         ("ps_prep_ms", "{:>10.3f}"), ("auto", "{:>13}"), ("max_err", "{:>8.1e}"),
         ("spread", "{:>6.0%}"), ("stall", "{:>6.0%}"), ("sp_min", "{:>6.2f}"), ("sp_max", "{:>6.2f}")]
@@ -176,6 +184,7 @@ def main() -> None:
     ap.add_argument("--max-wait", type=float, default=20.0,
                     help="seconds to wait for a quiet CPU (other jobs) before each case")
     ap.add_argument("--rounds", type=int, default=1, help="run all cases this many times; report medians")
+    ap.add_argument("--no-kernels", action="store_true", help="time the all-PyTorch backends (no C kernels)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     keep_heap()  # NOTE: the engine's CPU allocator setting; without it gathers page-fault (2-4x slower)
@@ -186,7 +195,8 @@ def main() -> None:
         cases = [(args.groups, args.members, args.prefix, dt) for dt in dtypes]
     print(f"# decode, heads={args.heads} kv_heads={args.kv_heads} d={args.head_dim} own={args.own} "
           f"block={args.block_size} threads={args.threads}; ms per forward (one layer), median of "
-          f"{args.repeats} interleaved samples; speedup = median of paired ref/ps ratios; MB = KV bytes "
+          f"{args.repeats} interleaved samples; speedup = median of paired ref/ps ratios; vs_pt = the same "
+          f"against the all-PyTorch reference; MB = KV bytes "
           f"read per layer-step; GB/s = MB / time; spread = worst (p75-p25)/median of the two (noise); "
           f"stall = share of time other tasks waited for a core (load); sp_min/max = speedup range "
           f"over {args.rounds} round(s), each field is the median over rounds")

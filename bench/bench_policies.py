@@ -19,6 +19,7 @@ from batchllm import LLM, SamplingParams
 RUNS = {
     "batchllm": dict(policy="batchllm"),
     "batchllm-reference-attn": dict(policy="batchllm", attention="reference"),
+    "batchllm-no-kernels": dict(policy="batchllm", cpu_kernels=False),
     "no-global-groups": dict(policy="batchllm", global_groups=False),
     "no-decode-ratio-order": dict(policy="batchllm", decode_ratio_order=False),
     "no-memory-centric": dict(policy="batchllm", memory_centric=False),

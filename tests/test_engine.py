@@ -451,3 +451,13 @@ def test_keep_heap_is_applied_on_cpu_unless_switched_off(llama_dir: Path, monkey
 def test_keep_heap_is_accepted_by_glibc() -> None:
     from batchllm.executor.malloc import keep_heap
     assert keep_heap() is True
+
+
+def test_cpu_kernels_follow_the_switch(llama_dir: Path) -> None:
+    from batchllm.kernels.cpu import load_cpu_kernels
+
+    def kernels(llm: LLM) -> list:
+        return [b.kernels for b in llm.engine.runner.backend.backends.values()]
+
+    assert kernels(LLM(llama_dir, num_kv_blocks=8, cpu_kernels=False)) == [None, None]
+    assert kernels(LLM(llama_dir, num_kv_blocks=8)) == [load_cpu_kernels()] * 2

@@ -25,8 +25,10 @@ from batchllm.attention.prefix_shared import (  # noqa: E402
     should_share,
 )
 from batchllm.attention.reference import ReferenceAttention, attend, flash_min_rows  # noqa: E402
+from batchllm.kernels.cpu import load_cpu_kernels  # noqa: E402
 
 CPU = torch.device("cpu")
+KERNELS = load_cpu_kernels()  # None without a C compiler: then only the PyTorch paths are checked
 
 
 def make_step(rng: random.Random, groups: list[tuple[int, list[tuple[int, int]]]],
@@ -69,13 +71,16 @@ def compare(meta: AttentionMetadata, heads: int, kvh: int, d: int, dtype: torch.
     k, v = random_pool(meta, kvh, d, dtype, gen)
     q = torch.randn(meta.num_tokens, heads, d, generator=gen).to(dtype)
     scale = d ** -0.5
-    ref = ReferenceAttention()
+    ref = ReferenceAttention()  # all PyTorch: what every other path is checked against
     want = ref.forward(q, k, v, ref.prepare(meta), scale)
-    ps = PrefixSharedAttention()
-    got = ps.forward(q, k, v, ps.prepare(meta), scale)
-    assert got.dtype == dtype and got.shape == q.shape
+    others = [PrefixSharedAttention()]
+    if KERNELS is not None:
+        others += [PrefixSharedAttention(KERNELS), ReferenceAttention(KERNELS)]
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(got.float(), want.float(), **tol)
+    for be in others:
+        got = be.forward(q, k, v, be.prepare(meta), scale)
+        assert got.dtype == dtype and got.shape == q.shape
+        torch.testing.assert_close(got.float(), want.float(), **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -200,19 +205,23 @@ def test_row_pieces_and_identity_maps(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_flash_and_matmul_attend_agree(dtype: torch.dtype) -> None:
-    """`attend` takes the flash kernel from `flash_min_rows(dtype)` rows on; both paths give the same
-    out and lse, and fully masked rows give out 0 and lse -inf on both."""
+def test_attend_paths_agree(dtype: torch.dtype) -> None:
+    """`attend`'s three paths give the same out and lse: PyTorch matmul + softmax (few rows), the
+    flash kernel (from `flash_min_rows(dtype)` rows), the C softmax (with kernels). Rows with a key
+    limit of 0 give out 0 and lse -inf on all of them."""
     gen = torch.Generator().manual_seed(2)
     rows = flash_min_rows(dtype) + 3
     q = torch.randn(3, 2, rows, 16, generator=gen).to(dtype)
     k, v = (torch.randn(3, 2, 40, 16, generator=gen).to(dtype) for _ in range(2))
-    mask = torch.rand(3, 1, rows, 40, generator=gen) < 0.7
-    mask[1, :, 5] = False  # one row with nothing to attend to
-    flash_o, flash_lse = attend(q, k, v, mask, 0.25)
-    parts = [attend(q[..., i:i + 1, :], k, v, mask[..., i:i + 1, :], 0.25) for i in range(rows)]
+    limits = torch.randint(0, 45, (3, 1, rows), generator=gen)  # some beyond the 40 keys
+    limits[1, :, 5] = 0  # one row with nothing to attend to
+    parts = [attend(q[..., i:i + 1, :], k, v, limits[..., i:i + 1], 0.25) for i in range(rows)]
     ref_o, ref_lse = torch.cat([o for o, _ in parts], dim=2), torch.cat([lse for _, lse in parts], dim=2)
+    paths = {"flash": attend(q, k, v, limits, 0.25)}
+    if KERNELS is not None:
+        paths["kernel"] = attend(q, k, v, limits, 0.25, kernels=KERNELS)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(flash_o.float(), ref_o.float(), **tol)
-    torch.testing.assert_close(flash_lse, ref_lse, **tol)
-    assert flash_lse[1, :, 5].eq(float("-inf")).all() and flash_o[1, :, 5].eq(0).all()
+    for name, (o, lse) in paths.items():
+        torch.testing.assert_close(o.float(), ref_o.float(), **tol, msg=name)
+        torch.testing.assert_close(lse, ref_lse, **tol, msg=name)
+        assert lse[1, :, 5].eq(float("-inf")).all() and o[1, :, 5].eq(0).all(), name

@@ -36,6 +36,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "batchllm-prefix-shared-attention": dict(policy="batchllm", attention="prefix-shared"),
     "batchllm-reference-attention": dict(policy="batchllm", attention="reference"),
     "fcfs-prefix-shared-attention": dict(policy="fcfs", attention="prefix-shared"),
+    "batchllm-no-kernels": dict(policy="batchllm", cpu_kernels=False),
+    "fcfs-no-kernels": dict(policy="fcfs", cpu_kernels=False),
     "fcfs-lru-chunked": dict(policy="fcfs-lru", max_num_batched_tokens=24),
 }
 BATCHLLM_VARIANTS = [k for k, v in VARIANTS.items() if v["policy"] == "batchllm"]
@@ -407,7 +409,7 @@ def workloads(draw: st.DrawFn) -> tuple[list[list[int]], list[SamplingParams]]:
 CONFIGS = [dict(policy="batchllm"), dict(policy="batchllm", memory_centric=False),
            dict(policy="batchllm", partial_block="recompute"), dict(policy="batchllm", decode_ratio_order=False),
            dict(policy="batchllm", attention="prefix-shared"), dict(policy="batchllm", attention="reference"),
-           dict(policy="fcfs"), dict(policy="fcfs-lru"), dict(policy="lpm")]
+           dict(policy="batchllm", cpu_kernels=False), dict(policy="fcfs"), dict(policy="fcfs-lru"), dict(policy="lpm")]
 
 
 @pytest.fixture(scope="module")

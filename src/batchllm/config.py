@@ -42,6 +42,9 @@ class EngineConfig:
     lpm_window: int = 128
     # On CPU: keep freed memory in malloc's heap instead of unmapping it (executor/malloc.py).
     keep_heap: bool = True
+    # On CPU: run attention's softmax through the C kernels (kernels/), compiled on first use;
+    # False, or no C compiler, keeps the all-PyTorch path.
+    cpu_kernels: bool = True
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> "EngineConfig":

@@ -10,6 +10,7 @@ import torch
 
 from batchllm.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig
 from batchllm.executor.malloc import keep_heap
+from batchllm.kernels.cpu import load_cpu_kernels
 from batchllm.executor.runner import ModelRunner
 from batchllm.executor.sampler import Sampler
 from batchllm.models.loader import DTYPES, load_model, read_config
@@ -54,8 +55,9 @@ class Engine:
                                  f"tokens ({per_token} bytes per token)")
         self.kv_bytes_per_token = per_token
         model = load_model(path, mc, self.dtype, self.device, self.max_model_len)
+        kernels = load_cpu_kernels() if config.cpu_kernels and self.device.type == "cpu" else None
         self.runner = ModelRunner(model, self.num_blocks, config.block_size, self.dtype, self.device,
-                                  make_backend(config.attention))
+                                  make_backend(config.attention, kernels))
         self.sampler = Sampler()
 
     @property

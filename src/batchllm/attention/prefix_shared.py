@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
 from batchllm.attention.metadata import AttentionMetadata
-from batchllm.attention.reference import ReferenceAttention, additive_mask, attend, attend_causal, gather_kv
+from batchllm.attention.reference import ReferenceAttention, attend, attend_causal, gather_kv
+from batchllm.kernels.cpu import CpuKernels
 
 Mode = Literal["auto", "prefix-shared", "reference"]
 
@@ -25,7 +26,7 @@ Mode = Literal["auto", "prefix-shared", "reference"]
 # several groups the reference reads more and the same savings pay off sooner (bf16: G=8 m=2
 # L=1000, 7,936 saved: 1.23x; G=4 m=4 L=1000, 11,904: 1.18x; G=16 m=4 L=256, 12,288: 1.29x).
 # 8,192 sits between; a lone group just above it loses at most ~20% (bf16 m=32 L=256: 0.82x).
-MIN_SAVED_TOKENS = 8192
+MIN_SAVED_TOKENS = 12288
 
 # NOTE: groups are padded together into buckets; a bucket is split when its padded
 # rows x prefix area would exceed BUCKET_SLACK x the real area; at most MAX_BUCKETS buckets, so the
@@ -36,23 +37,24 @@ MIN_SAVED_TOKENS = 8192
 BUCKET_SLACK = 1.25
 MAX_BUCKETS = 8
 # NOTE: query rows are cut into pieces of at most MAX_ROWS (a group's stacked rows, a continuing
-# prefill chunk) to bound per-pass memory: the additive mask of a continuing chunk piece (512 x 8
-# heads x 4096 KV) and, on the matmul path (`flash_min_rows`), attend's fp32 scores. Fresh
-# chunks run causal without a mask and are not cut. Decode groups have one row per member, so
-# only groups of > 512 get cut.
+# prefill chunk) to bound per-pass memory: the scores on attend's matmul paths (512 x 8 heads x
+# 4096 KV) or the flash kernel's additive mask. Fresh chunks are not cut (under the flash kernel
+# they run causal without a mask; `MAX_KERNEL_SCORES` bounds the C softmax's scores). Decode
+# groups have one row per member, so only groups of > 512 get cut.
 MAX_ROWS = 512
 
 
 @dataclass
 class GroupBucket:
     """Groups padded to a common shape: `rows` [G, R] flat query rows (padding: 0), `blocks`
-    [G, P] prefix blocks (padding: null block 0), `valid` [1, G, 1, P*bs] (None: no padding),
+    [G, P] prefix blocks (padding: null block 0), `limits` [1, G, 1] prefix tokens per group
+    (None: no padding),
     `src` the real entries of the flattened [G*R] rows (None: all), `dst` their flat rows (None:
     exactly 0..num_tokens-1, i.e. this bucket covers the whole step in order)."""
 
     rows: torch.Tensor
     blocks: torch.Tensor
-    valid: torch.Tensor | None
+    limits: torch.Tensor | None
     src: torch.Tensor | None
     dst: torch.Tensor | None
 
@@ -60,21 +62,15 @@ class GroupBucket:
 @dataclass
 class OwnPiece:
     """Prefill queries `start .. start+n` (flat rows) of one sequence against its own KV
-    0 .. t-1 (blocks `blocks`). `mask` [n, t] is None for a fresh chunk (t == n): causal flag."""
+    0 .. t-1 (blocks `blocks`); query j attends own KV 0 .. limits[j]-1. `fresh`: the piece is
+    the whole own part (t == n, limits 1..n), which may run under a causal flag instead."""
 
     start: int
     n: int
     blocks: torch.Tensor
     t: int
-    mask: torch.Tensor | None
-    _bias: dict[tuple[torch.dtype, int], torch.Tensor] = field(default_factory=dict)
-
-    def bias(self, dtype: torch.dtype, g: int) -> torch.Tensor:
-        """The mask repeated for g folded query heads, additive, built once per step."""
-        assert self.mask is not None
-        if (dtype, g) not in self._bias:
-            self._bias[(dtype, g)] = additive_mask(self.mask.repeat(g, 1), dtype)
-        return self._bias[(dtype, g)]
+    limits: torch.Tensor
+    fresh: bool
 
 
 @dataclass
@@ -85,7 +81,8 @@ class PrefixSharedPrepared:
     decode_rows: torch.Tensor | None  # [Bd] flat rows of decode queries (None: all rows, in order)
     num_decodes: int
     decode_blocks: torch.Tensor  # [Bd, nb] own-part blocks (from shared_len on)
-    decode_valid: torch.Tensor | None  # [1, Bd, 1, nb*bs]
+    decode_lens: torch.Tensor  # [Bd] own KV tokens of each decode query
+    decode_limits: torch.Tensor | None  # [1, Bd, 1] the same as key limits (None: no padding)
     prefills: list[OwnPiece]
     block_size: int
     path: str = "prefix-shared"
@@ -126,12 +123,11 @@ def _pad(rows: list[list[int]], dev: torch.device) -> torch.Tensor:
     return out.to(dev)
 
 
-def _valid(lens: list[int], width: int, dev: torch.device) -> torch.Tensor | None:
-    """[1, B, 1, width] bool key mask (True: position < lens[b]) for [kvh, B, rows, T] scores;
-    None when nothing is padded."""
+def _limits(lens: list[int], width: int, dev: torch.device) -> torch.Tensor | None:
+    """[1, B, 1] key limits (`lens`) for [kvh, B, rows, width] scores; None when nothing is padded."""
     if all(n == width for n in lens):
         return None
-    return (torch.arange(width)[None, :] < torch.tensor(lens)[:, None])[None, :, None, :].to(dev)
+    return torch.tensor(lens, dtype=torch.long, device=dev)[None, :, None]
 
 
 def merge_attention(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
@@ -148,9 +144,16 @@ def merge_attention(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2
 
 
 class PrefixSharedAttention:
-    """Group prefixes attended once per group (all members' queries stacked), own KV per sequence."""
+    """Group prefixes attended once per group (all members' queries stacked), own KV per sequence.
+
+    With `kernels` (CPU) own-part decode reads the pool in C (`paged_decode`) and the other passes
+    take the C softmax; without, the backend is PyTorch only.
+    """
 
     name = "prefix-shared"
+
+    def __init__(self, kernels: CpuKernels | None = None) -> None:
+        self.kernels = kernels
 
     def prepare(self, meta: AttentionMetadata) -> PrefixSharedPrepared:
         bs, dev = meta.block_size, meta.device
@@ -170,7 +173,7 @@ class PrefixSharedAttention:
             dst = [r for t in b for r in t[2][1]]
             buckets.append(GroupBucket(
                 _pad([t[2][1] for t in b], dev), _pad([list(t[2][0]) for t in b], dev),
-                _valid([t[1] * bs for t in b], max(t[1] for t in b) * bs, dev),
+                _limits([t[1] * bs for t in b], max(t[1] for t in b) * bs, dev),
                 None if len(src) == len(b) * width else torch.tensor(src, device=dev),
                 None if dst == everything else torch.tensor(dst, device=dev)))
         # Own parts: positions shared .. ctx, never empty (queries sit at >= shared).
@@ -179,24 +182,25 @@ class PrefixSharedAttention:
         own_lens = [meta.context_lens[i] - shared[i] for i in range(meta.num_seqs)]
         decode = [i for i, q in enumerate(meta.query_lens) if q == 1]
         dblocks = _pad([own_blocks[i] for i in decode], dev)
-        dvalid = _valid([own_lens[i] for i in decode], dblocks.shape[1] * bs, dev)
+        dlimits = _limits([own_lens[i] for i in decode], dblocks.shape[1] * bs, dev)
         prefills = []
         for i, n in enumerate(meta.query_lens):
-            if n > 1 and own_lens[i] == n:  # fresh own part: one causal piece, no mask
+            if n > 1 and own_lens[i] == n:  # fresh own part: one causal piece, not cut
                 bt = torch.tensor(own_blocks[i], dtype=torch.long, device=dev)
-                prefills.append(OwnPiece(meta.query_starts[i], n, bt, n, None))
+                prefills.append(OwnPiece(meta.query_starts[i], n, bt, n, torch.arange(1, n + 1, device=dev), True))
                 continue
             for c in range(0, n if n > 1 else 0, MAX_ROWS):
                 # Piece c .. c+nc of the chunk: its queries sit at own positions t-nc .. t-1 and
                 # query j sees own positions 0 .. t-nc+j, so it needs own KV 0 .. t-1 only.
                 nc = min(MAX_ROWS, n - c)
                 t = own_lens[i] - n + c + nc
-                mask = torch.arange(t)[None, :] <= torch.arange(t - nc, t)[:, None]
                 bt = torch.tensor(own_blocks[i][: -(-t // bs)], dtype=torch.long, device=dev)
-                prefills.append(OwnPiece(meta.query_starts[i] + c, nc, bt, t, mask.to(dev)))
+                lim = torch.arange(t - nc + 1, t + 1, device=dev)
+                prefills.append(OwnPiece(meta.query_starts[i] + c, nc, bt, t, lim, False))
         drows = [meta.query_starts[i] for i in decode]
         drows_t = None if drows == everything else torch.tensor(drows, dtype=torch.long, device=dev)
-        return PrefixSharedPrepared(buckets, drows_t, len(decode), dblocks, dvalid, prefills, bs)
+        dlens = torch.tensor([own_lens[i] for i in decode], dtype=torch.long, device=dev)
+        return PrefixSharedPrepared(buckets, drows_t, len(decode), dblocks, dlens, dlimits, prefills, bs)
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 prepared: PrefixSharedPrepared, scale: float) -> torch.Tensor:
@@ -207,26 +211,25 @@ class PrefixSharedAttention:
         p, bs = prepared, prepared.block_size
         # Own part first, into (o_own, lse_own).
         if p.decode_rows is None:  # decode-only step: no gather/scatter of rows
-            o_own, lse_own = self._decode_own(q, k_cache, v_cache, p, scale)
+            o_own, lse_own = self._decode_own(q, k_cache, v_cache, p, scale, self.kernels)
         else:
             o_own = torch.empty_like(q)
             lse_own = torch.empty(n_tok, heads, dtype=torch.float32, device=q.device)
             if p.num_decodes:
-                o_d, lse_d = self._decode_own(q[p.decode_rows], k_cache, v_cache, p, scale)
+                o_d, lse_d = self._decode_own(q[p.decode_rows], k_cache, v_cache, p, scale, self.kernels)
                 o_own[p.decode_rows], lse_own[p.decode_rows] = o_d, lse_d
         for pc in p.prefills:
             start, n, t = pc.start, pc.n, pc.t
             k = gather_kv(k_cache, pc.blocks, bs)[:, :t][None]  # [1, kvh, t, d]
             v = gather_kv(v_cache, pc.blocks, bs)[:, :t][None]
-            if pc.mask is None:
-                o, lse = attend_causal(q[start:start + n].transpose(0, 1)[None], k, v, scale)
+            if pc.fresh:
+                o, lse = attend_causal(q[start:start + n].transpose(0, 1)[None], k, v, scale, self.kernels)
                 o_own[start:start + n], lse_own[start:start + n] = o[0].transpose(0, 1), lse[0].transpose(0, 1)
                 continue
             # NOTE: the g query heads of a KV head are folded into rows ([1, kvh, g*n, d]), so the
-            # mask [n, T] is repeated per folded head.
+            # key limits [n] are repeated per folded head.
             qp = q[start:start + n].view(n, kvh, g, d).permute(1, 2, 0, 3).reshape(1, kvh, g * n, d)
-            # NOTE: every query sees at least its own position, so no row is fully masked.
-            o, lse = attend(qp, k, v, None, scale, bias=pc.bias(q.dtype, g))  # [1, kvh, g*n, d]
+            o, lse = attend(qp, k, v, pc.limits.repeat(g), scale, kernels=self.kernels)  # [1, kvh, g*n, d]
             o_own[start:start + n] = o.view(kvh, g, n, d).permute(2, 0, 1, 3).reshape(n, heads, d)
             lse_own[start:start + n] = lse.view(kvh, g, n).permute(2, 0, 1).reshape(n, heads)
         # Prefix part: one batched pass per bucket, each group's prefix KV gathered once, then merged
@@ -237,7 +240,7 @@ class PrefixSharedAttention:
             qg = q[bk.rows].view(gn, r, kvh, g, d).permute(2, 0, 1, 3, 4).reshape(kvh, gn, r * g, d)
             k = gather_kv(k_cache, bk.blocks, bs)  # [kvh, G, L, d]
             v = gather_kv(v_cache, bk.blocks, bs)
-            o, lse = attend(qg, k, v, bk.valid, scale)  # [kvh, G, R*g, d], [kvh, G, R*g]
+            o, lse = attend(qg, k, v, bk.limits, scale, kernels=self.kernels)  # [kvh, G, R*g, d], [kvh, G, R*g]
             o = o.view(kvh, gn, r, g, d).permute(1, 2, 0, 3, 4).reshape(gn * r, heads, d)
             lse = lse.view(kvh, gn, r, g).permute(1, 2, 0, 3).reshape(gn * r, heads)
             if bk.src is not None:
@@ -249,13 +252,18 @@ class PrefixSharedAttention:
 
     @staticmethod
     def _decode_own(qd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p: PrefixSharedPrepared,
-                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    scale: float, kernels: CpuKernels | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Own-part attention of the decode queries `qd` [Bd, H, d] -> ([Bd, H, d], lse [Bd, H])."""
+        if kernels is not None and kernels.handles(qd):
+            o, lse = kernels.paged_decode(qd, k_cache, v_cache, p.decode_blocks, p.decode_lens, p.block_size, scale)
+            assert lse is not None
+            return o, lse
         b, heads, d = qd.shape
         kvh = k_cache.shape[0]
         k = gather_kv(k_cache, p.decode_blocks, p.block_size)  # [kvh, B, T, d]
         v = gather_kv(v_cache, p.decode_blocks, p.block_size)
-        o, lse = attend(qd.view(b, kvh, heads // kvh, d).transpose(0, 1), k, v, p.decode_valid, scale)
+        o, lse = attend(qd.view(b, kvh, heads // kvh, d).transpose(0, 1), k, v, p.decode_limits, scale,
+                        kernels=kernels)
         return o.transpose(0, 1).reshape(b, heads, d), lse.transpose(0, 1).reshape(b, heads)
 
 
@@ -307,15 +315,17 @@ class AutoAttention:
     """Backend that picks the reference or prefix-shared path per step (`mode="auto"`) or forces one.
 
     The decision is made in `prepare`, returned as `AutoPrepared.path` and kept in `last_path`.
+    `kernels` (CPU) go to both backends.
     """
 
     name = "auto"
 
-    def __init__(self, mode: Mode = "auto") -> None:
+    def __init__(self, mode: Mode = "auto", kernels: CpuKernels | None = None) -> None:
         if mode not in ("auto", "prefix-shared", "reference"):
             raise ValueError(f"unknown attention mode {mode!r}")
         self.mode = mode
-        self.backends: dict[str, Any] = {"reference": ReferenceAttention(), "prefix-shared": PrefixSharedAttention()}
+        self.backends: dict[str, Any] = {"reference": ReferenceAttention(kernels),
+                                         "prefix-shared": PrefixSharedAttention(kernels)}
         self.last_path: str | None = None
 
     def prepare(self, meta: AttentionMetadata) -> AutoPrepared:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from batchllm.attention.metadata import AttentionMetadata
+from batchllm.kernels.cpu import CpuKernels
 
 
 # NOTE: prefill chunks of several sequences share one padded batch while the padded work
@@ -19,23 +20,24 @@ MAX_PADDING_WASTE = 1.5
 class PrefillBucket:
     """Prefill chunks attended together: queries and keys padded to the bucket's longest.
 
-    A bucket of fresh chunks (each chunk is its sequence's whole context) needs no mask: padded
-    at the end, every real query row i sees keys 0..i only under SDPA's causal flag, which also
-    lets the kernel skip the blocks above the diagonal.
+    Query row j of chunk b attends keys 0 .. limits[b, j]-1 (its position + 1). A bucket of fresh
+    chunks (each chunk is its sequence's whole context) can also run under SDPA's causal flag:
+    padded at the end, every real query row i sees keys 0..i, and the kernel skips the blocks above
+    the diagonal.
     """
 
     rows: torch.Tensor  # [B, Qmax] flat row of each query (padding repeats a real row)
     valid_rows: torch.Tensor  # [B * Qmax] bool: the padded query slots that are real
     blocks: torch.Tensor  # [B, nb] padded block tables
     tmax: int  # keys per sequence after padding
-    mask: torch.Tensor | None  # [B, 1, Qmax, Tmax] causal + length mask; None: fresh, causal flag
+    limits: torch.Tensor  # [B, Qmax] keys each query row attends
+    fresh: bool  # every chunk is its sequence's whole context
     _bias: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
 
     def bias(self, dtype: torch.dtype) -> torch.Tensor:
-        """`mask` as an additive mask of `dtype`, built once per step (not once per layer)."""
-        assert self.mask is not None
+        """`limits` as an additive [B, 1, Qmax, Tmax] mask of `dtype`, built once per step."""
         if dtype not in self._bias:
-            self._bias[dtype] = additive_mask(self.mask, dtype)
+            self._bias[dtype] = additive_mask(key_mask(self.limits, self.tmax)[:, None], dtype)
         return self._bias[dtype]
 
 
@@ -45,7 +47,7 @@ class ReferencePrepared:
 
     decode_rows: torch.Tensor  # [Bd] flat row of each decode query
     decode_blocks: torch.Tensor  # [Bd, max_blocks] padded block table
-    decode_valid: torch.Tensor  # [Bd, max_blocks * block_size] bool, True for real KV
+    decode_lens: torch.Tensor  # [Bd] KV tokens of each decode sequence
     prefills: list[PrefillBucket]
     block_size: int
     path: str = "reference"
@@ -87,26 +89,46 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-           need_lse: bool = True, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def key_mask(limits: torch.Tensor, t: int) -> torch.Tensor:
+    """[..., t] bool: key j is attended where j < limits[...]."""
+    return torch.arange(t, device=limits.device) < limits[..., None]
+
+
+# NOTE: the C softmax serves `attend` while the fp32/bf16 scores stay below this many elements
+# (64 MB in fp32); bigger prefill chunks go to ATen's flash kernel, which never materialises them.
+MAX_KERNEL_SCORES = 1 << 24
+
+
+def use_kernel(q: torch.Tensor, t: int, kernels: CpuKernels | None) -> bool:
+    """True when `attend` of q [..., M, d] over t keys runs matmul + the C softmax."""
+    return kernels is not None and kernels.handles(q) and q.numel() // q.shape[-1] * t <= MAX_KERNEL_SCORES
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limits: torch.Tensor | None, scale: float,
+           need_lse: bool = True, kernels: CpuKernels | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Softmax attention with query heads folded per KV head; returns (out, log-sum-exp).
 
-    q: [B, kvh, M, d] (M = queries × heads per KV head), k/v: [B, kvh, T, d], mask: bool
-    broadcastable to [B, kvh, M, T] (True = attend) or None. Softmax statistics are float32; out
-    has q's dtype. Rows with nothing to attend to get out 0 and lse -inf, so they merge correctly.
-    With `need_lse=False` the lse may be skipped (None). Instead of `mask`, `bias` may give an
-    additive mask (`additive_mask`, q's dtype) built once for many layers; its rows must not be
-    fully masked.
+    q: [B, kvh, M, d] (M = queries × heads per KV head), k/v: [B, kvh, T, d]; query row r attends
+    keys 0 .. limits[r]-1 (`limits`: integer tensor broadcastable to [B, kvh, M]; None: all T).
+    Softmax statistics are float32; out has q's dtype. Rows with nothing to attend to get out 0
+    and lse -inf, so they merge correctly. With `need_lse=False` the lse may be skipped (None).
+    With `kernels` (CPU, fp32/bf16, `use_kernel`) the scores go through the C softmax in place;
+    otherwise through PyTorch, the reference it is tested against.
     NOTE: bf16 `scaled_dot_product_attention` for decode is 3-13x slower than matmul + softmax
     on this CPU, so few-row queries never take the SDPA path.
     """
+    t = k.shape[-2]
+    if use_kernel(q, t, kernels):
+        assert kernels is not None
+        scores = torch.matmul(q, k.transpose(-1, -2))
+        lse = kernels.softmax_lse_(scores, limits, scale)  # scores now hold the probabilities
+        return torch.matmul(scores, v), lse
+    mask = None if limits is None else key_mask(limits, t)
     if q.shape[-2] >= flash_min_rows(q.dtype) and q.device.type == "cpu":
-        return _attend_flash(q, k, v, mask, scale, bias)
+        return _attend_flash(q, k, v, mask, scale)
     scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
     if mask is not None:
         scores.masked_fill_(~mask, float("-inf"))
-    elif bias is not None:
-        scores += bias
     probs = torch.softmax(scores, dim=-1)
     empty = None if mask is None else ~mask.any(-1, keepdim=True)
     if empty is not None and bool(empty.any()):
@@ -124,10 +146,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 
 def _attend_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                  scale: float, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """`attend` through ATen's CPU flash kernel (a bool mask becomes an additive one)."""
-    if mask is not None and bias is None:
-        bias = additive_mask(mask, q.dtype)
+    bias = None if mask is None else additive_mask(mask, q.dtype)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
     if mask is not None:
         # NOTE: the kernel gives fully masked rows lse 0 (and out 0); the merge needs -inf there.
@@ -135,18 +156,20 @@ def _attend_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     return out, lse
 
 
-def attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  kernels: CpuKernels | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of a fresh chunk over itself: q [B, H, n, d], k/v [B, kvh, n, d] ->
-    (out [B, H, n, d], lse [B, H, n] float32). No mask is built; the flash kernel skips the
-    blocks above the diagonal."""
-    heads, kvh = q.shape[1], k.shape[1]
-    if q.device.type == "cpu":
+    (out [B, H, n, d], lse [B, H, n] float32). On CPU without the kernel path no mask is built:
+    the flash kernel runs under its causal flag and skips the blocks above the diagonal."""
+    b, heads, n, d = q.shape
+    kvh = k.shape[1]
+    if q.device.type == "cpu" and not use_kernel(q, n, kernels):
         k, v = k.repeat_interleave(heads // kvh, dim=1), v.repeat_interleave(heads // kvh, dim=1)
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=True, scale=scale)
-    n = q.shape[2]
-    mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-    o, lse = attend(q.unflatten(1, (kvh, heads // kvh)), k[:, :, None], v[:, :, None], mask, scale)
-    return o.flatten(1, 2), lse.flatten(1, 2)
+    limits = torch.arange(1, n + 1, device=q.device).repeat(heads // kvh)  # rows: (head in group, query)
+    o, lse = attend(q.reshape(b, kvh, heads // kvh * n, d), k, v, limits, scale, kernels=kernels)
+    assert lse is not None
+    return o.view(b, heads, n, d), lse.view(b, heads, n)
 
 
 def bucket_prefills(items: list[tuple[int, int]]) -> list[list[int]]:
@@ -166,20 +189,26 @@ def bucket_prefills(items: list[tuple[int, int]]) -> list[list[int]]:
 
 
 class ReferenceAttention:
-    """Decode queries batched in one padded gather + matmul; prefill chunks in padded buckets."""
+    """Decode queries batched in one padded gather + matmul; prefill chunks in padded buckets.
+
+    With `kernels` (CPU only) decode queries read the pool in C (`paged_decode`, no gathered copy)
+    and prefill buckets take the C softmax; without, the whole backend is PyTorch.
+    """
 
     name = "reference"
+
+    def __init__(self, kernels: CpuKernels | None = None) -> None:
+        self.kernels = kernels
 
     def prepare(self, meta: AttentionMetadata) -> ReferencePrepared:
         dev, bs = meta.device, meta.block_size
         decode = [i for i, q in enumerate(meta.query_lens) if q == 1]
         blocks = meta.padded_block_table(decode)
         lens = torch.tensor([meta.context_lens[i] for i in decode], dtype=torch.long, device=dev)
-        valid = torch.arange(blocks.shape[1] * bs, device=dev)[None, :] < lens[:, None]
         rows = torch.tensor([meta.query_starts[i] for i in decode], dtype=torch.long, device=dev)
         pre = [i for i, q in enumerate(meta.query_lens) if q > 1]
         buckets = bucket_prefills([(meta.query_lens[i], meta.context_lens[i]) for i in pre])
-        return ReferencePrepared(rows, blocks, valid, [self._bucket(meta, [pre[j] for j in b]) for b in buckets], bs)
+        return ReferencePrepared(rows, blocks, lens, [self._bucket(meta, [pre[j] for j in b]) for b in buckets], bs)
 
     @staticmethod
     def _bucket(meta: AttentionMetadata, seqs: list[int]) -> PrefillBucket:
@@ -192,10 +221,9 @@ class ReferenceAttention:
         valid_rows = offs < q[:, None]
         rows = starts[:, None] + torch.minimum(offs, q[:, None] - 1)
         qpos = ctx[:, None] - q[:, None] + torch.minimum(offs, q[:, None] - 1)  # [B, Qmax]
-        fresh = bool((q == ctx).all())
-        mask = None if fresh else (torch.arange(tmax, device=dev)[None, None, :] <= qpos[:, :, None])[:, None]
         nb = -(-tmax // bs)
-        return PrefillBucket(rows, valid_rows.flatten(), meta.padded_block_table(seqs, nb), tmax, mask)
+        return PrefillBucket(rows, valid_rows.flatten(), meta.padded_block_table(seqs, nb), tmax, qpos + 1,
+                             bool((q == ctx).all()))
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 prepared: ReferencePrepared, scale: float) -> torch.Tensor:
@@ -204,27 +232,38 @@ class ReferenceAttention:
         kvh = k_cache.shape[0]
         g = heads // kvh
         p = prepared
-        if p.decode_rows.numel():
+        if p.decode_rows.numel() and self.kernels is not None and self.kernels.handles(q):
+            out[p.decode_rows], _ = self.kernels.paged_decode(q[p.decode_rows], k_cache, v_cache, p.decode_blocks,
+                                                              p.decode_lens, p.block_size, scale, need_lse=False)
+        elif p.decode_rows.numel():
             b = p.decode_rows.numel()
             qd = q[p.decode_rows].view(b, kvh, g, d).transpose(0, 1)  # [kvh, B, g, d]
             k = gather_kv(k_cache, p.decode_blocks, p.block_size)  # [kvh, B, T, d]
             v = gather_kv(v_cache, p.decode_blocks, p.block_size)
-            o, _ = attend(qd, k, v, p.decode_valid[None, :, None, :], scale, need_lse=False)
+            o, _ = attend(qd, k, v, p.decode_lens[None, :, None], scale, need_lse=False, kernels=self.kernels)
             out[p.decode_rows] = o.transpose(0, 1).reshape(b, heads, d)
         for bucket in p.prefills:
             b, qmax = bucket.rows.shape
             tmax = bucket.tmax
-            k = gather_kv(k_cache, bucket.blocks, p.block_size)[:, :, :tmax].transpose(0, 1).contiguous()
-            v = gather_kv(v_cache, bucket.blocks, p.block_size)[:, :, :tmax].transpose(0, 1).contiguous()
-            qb = q[bucket.rows].transpose(1, 2)  # [B, H, Qmax, d]
-            # NOTE: SDPA's blocked kernel for prefill chunks: ~3x faster here than a padded
-            # matmul + softmax, and it never materialises the [B, H, Qmax, T] float32 scores.
-            if bucket.mask is None:
-                o = F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=scale, enable_gqa=g > 1)
+            k = gather_kv(k_cache, bucket.blocks, p.block_size)[:, :, :tmax].transpose(0, 1)  # [B, kvh, T, d]
+            v = gather_kv(v_cache, bucket.blocks, p.block_size)[:, :, :tmax].transpose(0, 1)
+            qb = q[bucket.rows]  # [B, Qmax, H, d]
+            if use_kernel(qb, tmax, self.kernels):
+                # Rows (head in group, query) per KV head, each with its query's key limit.
+                qf = qb.view(b, qmax, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(b, kvh, g * qmax, d)
+                lim = bucket.limits[:, None, None, :].expand(b, kvh, g, qmax).reshape(b, kvh, g * qmax)
+                o, _ = attend(qf, k, v, lim, scale, need_lse=False, kernels=self.kernels)
+                o = o.view(b, kvh, g, qmax, d).permute(0, 3, 1, 2, 4)
             else:
-                o = F.scaled_dot_product_attention(qb, k, v, attn_mask=bucket.bias(q.dtype), scale=scale,
-                                                   enable_gqa=g > 1)
-            o = o.transpose(1, 2)
+                # NOTE: SDPA's blocked kernel for prefill chunks: ~3x faster here than a padded
+                # PyTorch matmul + softmax, and it never materialises the [B, H, Qmax, T] scores.
+                qb, k, v = qb.transpose(1, 2), k.contiguous(), v.contiguous()
+                if bucket.fresh:
+                    o = F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=scale, enable_gqa=g > 1)
+                else:
+                    o = F.scaled_dot_product_attention(qb, k, v, attn_mask=bucket.bias(q.dtype), scale=scale,
+                                                       enable_gqa=g > 1)
+                o = o.transpose(1, 2)
             o = o.reshape(b * qmax, heads, d)
             out[bucket.rows.flatten()[bucket.valid_rows]] = o[bucket.valid_rows]
         return out

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from batchllm.attention.backend import AttentionBackend
 from batchllm.attention.prefix_shared import AutoAttention
+from batchllm.kernels.cpu import CpuKernels
 
 
-def make_backend(mode: str) -> AttentionBackend:
-    """`reference` | `prefix-shared` | `auto` (prefix-shared in steps where sharing pays off)."""
-    return AutoAttention(mode)  # type: ignore[arg-type]
+def make_backend(mode: str, kernels: CpuKernels | None = None) -> AttentionBackend:
+    """`reference` | `prefix-shared` | `auto` (prefix-shared in steps where sharing pays off);
+    `kernels`: the CPU C kernels for the softmax (None: PyTorch only)."""
+    return AutoAttention(mode, kernels)  # type: ignore[arg-type]

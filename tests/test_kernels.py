@@ -1,0 +1,96 @@
+"""The C kernels (kernels/attention.c) against PyTorch, and their build and fallback."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+try:
+    import batchllm  # noqa: F401
+except ImportError:  # package not installed: run from the source tree
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from batchllm.attention.reference import attend, gather_kv  # noqa: E402
+from batchllm.kernels.cpu import load_cpu_kernels  # noqa: E402
+
+HAS_CC = shutil.which("cc") is not None or shutil.which("gcc") is not None
+KERNELS = load_cpu_kernels()
+needs_kernels = pytest.mark.skipif(KERNELS is None, reason="no C compiler")
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def test_kernels_build_where_a_compiler_is() -> None:
+    assert (KERNELS is not None) == HAS_CC
+    if KERNELS is not None:
+        assert KERNELS.path.exists() and KERNELS.path.suffix == ".so"
+
+
+@pytest.mark.parametrize("cc", ["/nonexistent/cc", "false"])
+def test_no_or_broken_compiler_falls_back_with_a_warning(cc: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", cc)
+    with pytest.warns(UserWarning, match="PyTorch path"):
+        assert load_cpu_kernels.__wrapped__(tmp_path) is None
+    assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_lse_matches_torch(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    scores = (torch.randn(3, 5, 37, generator=gen) * 4).to(dtype)
+    limits = torch.randint(-2, 45, (3, 5), generator=gen)  # negative, 0, partial, beyond the 37 keys
+    limits[0, 0], limits[1, 1] = 0, 37
+    want = (scores.float() * 0.3).masked_fill(torch.arange(37) >= limits[..., None], float("-inf"))
+    want_lse = torch.logsumexp(want, -1)
+    want_p = torch.softmax(want, -1).nan_to_num(0.0)  # empty rows: all -inf -> NaN -> 0
+    got = scores.clone()
+    lse = KERNELS.softmax_lse_(got, limits, 0.3)
+    torch.testing.assert_close(got.float(), want_p.to(dtype).float(), **TOL[dtype])
+    empty = limits <= 0
+    assert lse[empty].eq(float("-inf")).all() and got[empty].eq(0).all()
+    torch.testing.assert_close(lse[~empty], want_lse[~empty], **TOL[dtype])
+    whole = scores.clone()
+    torch.testing.assert_close(KERNELS.softmax_lse_(whole, None, 0.3), torch.logsumexp(scores.float() * 0.3, -1),
+                               **TOL[dtype])
+
+
+@needs_kernels
+def test_softmax_lse_rejects_what_it_cannot_read() -> None:
+    with pytest.raises(ValueError, match="contiguous"):
+        KERNELS.softmax_lse_(torch.randn(4, 6).t(), None, 1.0)
+    with pytest.raises(ValueError, match="float32/bfloat16"):
+        KERNELS.softmax_lse_(torch.randn(4, 6).half(), None, 1.0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kvh,d", [(4, 4, 64), (8, 2, 128), (8, 1, 24)])  # 24: the generic head size
+def test_paged_decode_matches_attention_over_the_gathered_kv(dtype: torch.dtype, heads: int, kvh: int,
+                                                             d: int) -> None:
+    gen = torch.Generator().manual_seed(heads + d)
+    bs, nblocks, b = 4, 40, 6
+    k_cache, v_cache = (torch.randn(kvh, nblocks * bs, d, generator=gen).to(dtype) for _ in range(2))
+    tables = torch.stack([torch.randperm(nblocks - 1, generator=gen)[:7] + 1 for _ in range(b)])  # scattered blocks
+    lens = torch.tensor([28, 1, 0, 13, 5, 27])  # full, one key, empty, partial blocks
+    q = torch.randn(b, heads, d, generator=gen).to(dtype)
+    out, lse = KERNELS.paged_decode(q, k_cache, v_cache, tables, lens, bs, d ** -0.5)
+    k, v = gather_kv(k_cache, tables, bs), gather_kv(v_cache, tables, bs)  # [kvh, B, T, d]
+    want, want_lse = attend(q.view(b, kvh, heads // kvh, d).transpose(0, 1), k, v, lens[None, :, None], d ** -0.5)
+    assert out.dtype == dtype and lse is not None
+    torch.testing.assert_close(out.float(), want.transpose(0, 1).reshape(b, heads, d).float(), **TOL[dtype])
+    torch.testing.assert_close(lse, want_lse.transpose(0, 1).reshape(b, heads), **TOL[dtype])
+    assert out[2].eq(0).all() and lse[2].eq(float("-inf")).all()
+    assert KERNELS.paged_decode(q, k_cache, v_cache, tables, lens, bs, d ** -0.5, need_lse=False)[1] is None
+
+
+@needs_kernels
+def test_paged_decode_rejects_mixed_dtypes() -> None:
+    k = torch.zeros(1, 8, 4)
+    with pytest.raises(ValueError, match="one dtype"):
+        KERNELS.paged_decode(torch.zeros(1, 1, 4, dtype=torch.bfloat16), k, k, torch.zeros(1, 2, dtype=torch.long),
+                             torch.ones(1, dtype=torch.long), 4, 1.0)
