@@ -15,17 +15,15 @@ Mode = Literal["auto", "prefix-shared", "reference"]
 
 # NOTE: threshold measured with `bench/bench_attention.py --sweep --groups 1 --rounds 2` on the
 # 2-core dev CPU (decode, 8 q / 2 KV heads, d 64, own part 100, block 16, 2 threads, the engine's
-# allocator setting). Speedup of the shared path over the reference for m members and prefix L
-# (saved = (m-1)*L tokens):
-#   bf16 L=64:   m=1..32 0.50 0.47 0.52 0.58 0.64 0.62  L=256: 0.47 0.48 0.54 0.63 0.63 0.82
-#        L=1000: 0.54 0.63 0.65 0.84 1.08 1.68
-#   fp32 L=64:   0.53 0.45 0.54 0.61 0.69 0.76           L=256: 0.43 0.46 0.55 0.69 0.82 1.04
-#        L=1000: 0.54 0.58 0.85 1.05 1.55 2.68
-# The shared path pays a fixed extra pass + merge per step (~0.25 ms per layer) and skips reading
-# the saved tokens. One group breaks even near 7,000 (fp32) to 15,000 (bf16) saved tokens; with
-# several groups the reference reads more and the same savings pay off sooner (bf16: G=8 m=2
-# L=1000, 7,936 saved: 1.23x; G=4 m=4 L=1000, 11,904: 1.18x; G=16 m=4 L=256, 12,288: 1.29x).
-# 8,192 sits between; a lone group just above it loses at most ~20% (bf16 m=32 L=256: 0.82x).
+# allocator setting, C kernels on). Speedup of the shared path over the reference for m members
+# and prefix L (saved = (m-1)*L tokens):
+#   bf16 L=256:  m=1..32 0.14 0.18 0.29 0.43 0.65 0.97   L=1000: 0.24 0.37 0.58 0.86 1.37 1.99
+#   fp32 L=256:  0.20 0.26 0.39 0.56 0.82 1.09           L=1000: 0.33 0.47 0.72 1.04 1.41 1.69
+# The reference decode is one C call over the pool; the shared path pays a fixed ~0.2 ms per
+# layer (a batched prefix pass, the merge, a dozen small ops), then skips reading the saved
+# tokens. One group breaks even near 7,000-8,000 saved tokens; several groups around 8,000-12,000
+# (G=8 m=2 L=1000, 7,936 saved: bf16 1.08x, fp32 0.82x; G=4 m=4 L=1000, 11,904: 1.23x / 1.09x;
+# G=16 m=4 L=256, 12,288: 1.08x / 0.94x). 12,288 keeps the losses small on both sides.
 MIN_SAVED_TOKENS = 12288
 
 # NOTE: groups are padded together into buckets; a bucket is split when its padded
