@@ -143,7 +143,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from batchllm.batch_io.demo import cache_dir, run_demo
+    from batchllm.batch_io.demo import run_demo
+    from batchllm.config import cache_dir
 
     if args.model and not Path(args.model).is_dir():
         return _usage(f"model folder {args.model!r} does not exist", "demo")

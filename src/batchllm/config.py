@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 Policy = Literal["batchllm", "fcfs", "fcfs-lru", "lpm"]
 POLICIES: tuple[str, ...] = ("batchllm", "fcfs", "fcfs-lru", "lpm")
 AttentionMode = Literal["auto", "reference", "prefix-shared"]
+
+
+def cache_dir() -> Path:
+    """Where batchllm keeps built files (demo models, compiled kernels): $BATCHLLM_CACHE, else
+    $XDG_CACHE_HOME/batchllm, else ~/.cache/batchllm."""
+    if os.environ.get("BATCHLLM_CACHE"):
+        return Path(os.environ["BATCHLLM_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "batchllm"
 
 DEFAULT_KV_CACHE_MEMORY = 2 * 1024**3  # bytes
 

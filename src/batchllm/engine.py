@@ -10,9 +10,9 @@ import torch
 
 from batchllm.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig
 from batchllm.executor.malloc import keep_heap
-from batchllm.kernels.cpu import load_cpu_kernels
 from batchllm.executor.runner import ModelRunner
 from batchllm.executor.sampler import Sampler
+from batchllm.kernels.cpu import load_cpu_kernels
 from batchllm.models.loader import DTYPES, load_model, read_config
 from batchllm.outputs import RunStats
 from batchllm.planner import Plan

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 
 from batchllm.attention.metadata import AttentionMetadata
-from batchllm.attention.reference import ReferenceAttention, attend, attend_causal, gather_kv
+from batchllm.attention.reference import ReferenceAttention, attend, attend_causal, attend_queries, gather_kv
 from batchllm.kernels.cpu import CpuKernels
 
 Mode = Literal["auto", "prefix-shared", "reference"]
@@ -220,16 +220,12 @@ class PrefixSharedAttention:
             start, n, t = pc.start, pc.n, pc.t
             k = gather_kv(k_cache, pc.blocks, bs)[:, :t][None]  # [1, kvh, t, d]
             v = gather_kv(v_cache, pc.blocks, bs)[:, :t][None]
+            qp = q[start:start + n][None]  # [1, n, H, d]
             if pc.fresh:
-                o, lse = attend_causal(q[start:start + n].transpose(0, 1)[None], k, v, scale, self.kernels)
-                o_own[start:start + n], lse_own[start:start + n] = o[0].transpose(0, 1), lse[0].transpose(0, 1)
-                continue
-            # NOTE: the g query heads of a KV head are folded into rows ([1, kvh, g*n, d]), so the
-            # key limits [n] are repeated per folded head.
-            qp = q[start:start + n].view(n, kvh, g, d).permute(1, 2, 0, 3).reshape(1, kvh, g * n, d)
-            o, lse = attend(qp, k, v, pc.limits.repeat(g), scale, kernels=self.kernels)  # [1, kvh, g*n, d]
-            o_own[start:start + n] = o.view(kvh, g, n, d).permute(2, 0, 1, 3).reshape(n, heads, d)
-            lse_own[start:start + n] = lse.view(kvh, g, n).permute(2, 0, 1).reshape(n, heads)
+                o, lse = attend_causal(qp, k, v, scale, self.kernels)
+            else:
+                o, lse = attend_queries(qp, k, v, pc.limits, scale, kernels=self.kernels)
+            o_own[start:start + n], lse_own[start:start + n] = o[0], lse[0]
         # Prefix part: one batched pass per bucket, each group's prefix KV gathered once, then merged
         # into the own part's rows (ungrouped rows keep their own-part result untouched).
         out = o_own

@@ -156,20 +156,43 @@ def _attend_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     return out, lse
 
 
+def attend_queries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limits: torch.Tensor, scale: float,
+                   need_lse: bool = True, kernels: CpuKernels | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`attend` for query tokens: q [B, n, H, d] over k/v [B, kvh, T, d], query j of sequence b
+    seeing keys 0 .. limits[b, j]-1 (`limits` broadcastable to [B, n]) -> (out [B, n, H, d],
+    lse [B, n, H] or None).
+
+    NOTE: the g query heads of a KV head are folded into rows (head in group, query), so each KV
+    head is one matmul; the limits repeat per folded head and broadcast over the KV heads.
+    """
+    b, n, heads, d = q.shape
+    kvh = k.shape[1]
+    g = heads // kvh
+    qf = q.reshape(b, n, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(b, kvh, g * n, d)
+    lim = limits.expand(b, n)[:, None, None, :].expand(b, 1, g, n).reshape(b, 1, g * n)
+    o, lse = attend(qf, k, v, lim, scale, need_lse, kernels)
+    o = o.view(b, kvh, g, n, d).permute(0, 3, 1, 2, 4).reshape(b, n, heads, d)
+    if lse is not None:
+        lse = lse.view(b, kvh, g, n).permute(0, 3, 1, 2).reshape(b, n, heads)
+    return o, lse
+
+
 def attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                   kernels: CpuKernels | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention of a fresh chunk over itself: q [B, H, n, d], k/v [B, kvh, n, d] ->
-    (out [B, H, n, d], lse [B, H, n] float32). On CPU without the kernel path no mask is built:
+    """Causal attention of a fresh chunk over itself: q [B, n, H, d], k/v [B, kvh, n, d] ->
+    (out [B, n, H, d], lse [B, n, H] float32). On CPU without the kernel path no mask is built:
     the flash kernel runs under its causal flag and skips the blocks above the diagonal."""
-    b, heads, n, d = q.shape
+    b, n, heads, d = q.shape
     kvh = k.shape[1]
     if q.device.type == "cpu" and not use_kernel(q, n, kernels):
         k, v = k.repeat_interleave(heads // kvh, dim=1), v.repeat_interleave(heads // kvh, dim=1)
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=True, scale=scale)
-    limits = torch.arange(1, n + 1, device=q.device).repeat(heads // kvh)  # rows: (head in group, query)
-    o, lse = attend(q.reshape(b, kvh, heads // kvh * n, d), k, v, limits, scale, kernels=kernels)
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q.transpose(1, 2), k, v, is_causal=True,
+                                                                           scale=scale)
+        return o.transpose(1, 2), lse.transpose(1, 2)
+    o, lse = attend_queries(q, k, v, torch.arange(1, n + 1, device=q.device), scale, kernels=kernels)
     assert lse is not None
-    return o.view(b, heads, n, d), lse.view(b, heads, n)
+    return o, lse
 
 
 def bucket_prefills(items: list[tuple[int, int]]) -> list[list[int]]:
@@ -249,11 +272,7 @@ class ReferenceAttention:
             v = gather_kv(v_cache, bucket.blocks, p.block_size)[:, :, :tmax].transpose(0, 1)
             qb = q[bucket.rows]  # [B, Qmax, H, d]
             if use_kernel(qb, tmax, self.kernels):
-                # Rows (head in group, query) per KV head, each with its query's key limit.
-                qf = qb.view(b, qmax, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(b, kvh, g * qmax, d)
-                lim = bucket.limits[:, None, None, :].expand(b, kvh, g, qmax).reshape(b, kvh, g * qmax)
-                o, _ = attend(qf, k, v, lim, scale, need_lse=False, kernels=self.kernels)
-                o = o.view(b, kvh, g, qmax, d).permute(0, 3, 1, 2, 4)
+                o, _ = attend_queries(qb, k, v, bucket.limits, scale, need_lse=False, kernels=self.kernels)
             else:
                 # NOTE: SDPA's blocked kernel for prefill chunks: ~3x faster here than a padded
                 # PyTorch matmul + softmax, and it never materialises the [B, H, Qmax, T] scores.

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from batchllm.config import EngineConfig
+from batchllm.config import EngineConfig, cache_dir
 
 from .job import JobOptions, run_batch
 from .planning import plan_file
@@ -20,14 +20,6 @@ DEMO_KV_CACHE_MEMORY = 256 * 2**20
 _WORDS = ("river stone garden market winter engine letter harbor music paper silver forest bridge "
           "window candle orchard lantern meadow valley signal library island canyon ribbon").split()
 _GLUE = "the of and to a in is it that was for on are as with at be this from or by".split()
-
-
-def cache_dir() -> Path:
-    """$BATCHLLM_CACHE, else $XDG_CACHE_HOME/batchllm, else ~/.cache/batchllm."""
-    if os.environ.get("BATCHLLM_CACHE"):
-        return Path(os.environ["BATCHLLM_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "batchllm"
 
 
 def ensure_model(shape: str = "tiny", stream: TextIO | None = None) -> Path:

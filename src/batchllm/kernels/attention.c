@@ -60,16 +60,16 @@ static int64_t row_limit(const int32_t *lim, int64_t r, int64_t cols) {
     return n < 0 ? 0 : (n > cols ? cols : n);
 }
 
-/* Row softmax in place, both dtypes: x is rows x cols, row r starting at x + r * ld. Row r keeps
+/* Row softmax in place, both dtypes: x is rows x cols, contiguous. Row r keeps
  * columns 0 .. lim[r]-1 (clamped to 0 .. cols); they become softmax(scale * x), the rest become 0,
  * and lse[r] = log(sum(exp(scale * x))) over the kept columns. A row with nothing kept becomes all
  * 0 with lse -inf. bf16 rows are read and written as bf16 (round to nearest even); all arithmetic
  * is float. */
-void softmax_lse_f32(float *x, int64_t rows, int64_t cols, int64_t ld, const int32_t *lim, float scale,
-                     float *lse, int threads) {
+void softmax_lse_f32(float *x, int64_t rows, int64_t cols, const int32_t *lim, float scale, float *lse,
+                     int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
-        float *row = x + r * ld;
+        float *row = x + r * cols;
         int64_t n = row_limit(lim, r, cols);
         for (int64_t j = 0; j < n; j++) row[j] *= scale;
         lse[r] = n ? softmax_row(row, n) : -INFINITY;
@@ -78,14 +78,14 @@ void softmax_lse_f32(float *x, int64_t rows, int64_t cols, int64_t ld, const int
 }
 
 /* As softmax_lse_f32; `work` holds cols floats per thread. */
-void softmax_lse_bf16(uint16_t *x, int64_t rows, int64_t cols, int64_t ld, const int32_t *lim, float scale,
-                      float *lse, float *work, int threads) {
+void softmax_lse_bf16(uint16_t *x, int64_t rows, int64_t cols, const int32_t *lim, float scale, float *lse,
+                      float *work, int threads) {
 #pragma omp parallel num_threads(threads)
     {
         float *buf = work + (int64_t)omp_get_thread_num() * cols;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
-            uint16_t *row = x + r * ld;
+            uint16_t *row = x + r * cols;
             int64_t n = row_limit(lim, r, cols);
             for (int64_t j = 0; j < n; j++) buf[j] = bf16_to_f32(row[j]) * scale;
             lse[r] = n ? softmax_row(buf, n) : -INFINITY;
@@ -98,6 +98,13 @@ void softmax_lse_bf16(uint16_t *x, int64_t rows, int64_t cols, int64_t ld, const
 /* Element i of a float32 (is_bf16 = 0) or bfloat16 (1) array, as float. */
 static inline float load_elem(const void *p, int64_t i, int is_bf16) {
     return is_bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* Start of the block holding key t0 (a multiple of bs) of sequence b in KV head kh's part of a
+ * [kvh, slots, d] cache whose elements are esize bytes. */
+static inline const char *block_start(const void *cache, int64_t kh, int64_t slots, const int64_t *bt, int64_t nb,
+                                      int64_t b, int64_t t0, int64_t bs, int64_t d, int64_t esize) {
+    return (const char *)cache + (kh * slots + bt[b * nb + t0 / bs] * bs) * d * esize;
 }
 
 /* One decode task: sequence b, KV head kh (see paged_decode). Inlined per head size and dtype so
@@ -114,7 +121,7 @@ static inline __attribute__((always_inline)) void decode_task(
         for (int64_t i = 0; i < d; i++) acc[h][i] = 0.0f;
     }
     for (int64_t t0 = 0; t0 < n; t0 += bs) { /* scores, block by block: one key row for all g heads */
-        const char *blk = (const char *)k_cache + (kh * slots + bt[b * nb + t0 / bs] * bs) * d * esize;
+        const char *blk = block_start(k_cache, kh, slots, bt, nb, b, t0, bs, d, esize);
         for (int64_t j = 0; j < bs && t0 + j < n; j++) {
             for (int64_t i = 0; i < d; i++) row[i] = load_elem(blk, j * d + i, is_bf16);
             for (int64_t h = 0; h < g; h++) {
@@ -136,7 +143,7 @@ static inline __attribute__((always_inline)) void decode_task(
         sum[h] = s;
     }
     for (int64_t t0 = 0; t0 < n; t0 += bs) { /* values, block by block: one row for all g heads */
-        const char *blk = (const char *)v_cache + (kh * slots + bt[b * nb + t0 / bs] * bs) * d * esize;
+        const char *blk = block_start(v_cache, kh, slots, bt, nb, b, t0, bs, d, esize);
         for (int64_t j = 0; j < bs && t0 + j < n; j++) {
             for (int64_t i = 0; i < d; i++) row[i] = load_elem(blk, j * d + i, is_bf16);
             for (int64_t h = 0; h < g; h++) {

@@ -1,9 +1,8 @@
 """C kernels for the CPU path: compiled on first use with the system C compiler, loaded with ctypes.
 
 No build step at install time and no torch headers: `attention.c` is plain C with OpenMP, built
-once per source, compiler and CPU into a cache folder (`$BATCHLLM_CACHE_DIR`, else
-`$XDG_CACHE_HOME/batchllm`, else `~/.cache/batchllm`). Without a working C compiler
-`load_cpu_kernels` returns None and callers keep their PyTorch path.
+once per source, compiler and CPU into `kernels/` of the cache folder (`config.cache_dir`).
+Without a working C compiler `load_cpu_kernels` returns None and callers keep their PyTorch path.
 """
 
 from __future__ import annotations
@@ -22,13 +21,15 @@ from pathlib import Path
 
 import torch
 
+from batchllm.config import cache_dir
+
 SOURCE = Path(__file__).with_name("attention.c")
 # NOTE: -march=native: the library is built on the machine that runs it (the CPU's flags are in
 # the cache key). -fopenmp links libgomp.so.1, the soname torch's own OpenMP runtime has, so the
 # kernels share torch's thread pool instead of starting a second one that competes for cores.
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float,
-         ctypes.c_void_p]
+DTYPES = (torch.float32, torch.bfloat16)  # what the kernels read and write
+_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p]
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class CpuKernels:
     @staticmethod
     def handles(x: torch.Tensor) -> bool:
         """True for the tensors the kernels take: float32 or bfloat16 on the CPU."""
-        return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+        return x.device.type == "cpu" and x.dtype in DTYPES
 
     def softmax_lse_(self, scores: torch.Tensor, limits: torch.Tensor | None, scale: float) -> torch.Tensor:
         """Softmax of `scale * scores` over the last dim, in place, keeping only the first
@@ -51,7 +52,7 @@ class CpuKernels:
         broadcastable to scores.shape[:-1] (None: every key). A row with limit 0 becomes 0 with lse
         -inf, so it merges as an empty part.
         """
-        if not scores.is_contiguous() or scores.dtype not in (torch.float32, torch.bfloat16):
+        if not scores.is_contiguous() or scores.dtype not in DTYPES:
             raise ValueError(f"softmax_lse_ needs a contiguous float32/bfloat16 tensor, got {scores.dtype}")
         cols = scores.shape[-1]
         rows = scores.numel() // max(cols, 1)
@@ -63,14 +64,13 @@ class CpuKernels:
         if rows == 0:
             return lse
         threads = torch.get_num_threads()
-        args = [scores.data_ptr(), rows, cols, cols, lim.data_ptr(), scale, lse.data_ptr()]
+        args = [scores.data_ptr(), rows, cols, lim.data_ptr(), scale, lse.data_ptr()]
         if scores.dtype == torch.float32:
             self.lib.softmax_lse_f32(*args, threads)
         else:
             work = torch.empty(threads, cols, dtype=torch.float32)
             self.lib.softmax_lse_bf16(*args, work.data_ptr(), threads)
         return lse
-
 
     def paged_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      lens: torch.Tensor, block_size: int, scale: float,
@@ -82,7 +82,7 @@ class CpuKernels:
         share one dtype (float32 or bfloat16). Returns (out [B, H, d] in q's dtype, lse [B, H]
         float32 or None); a sequence with 0 keys gets out 0 and lse -inf.
         """
-        if q.dtype not in (torch.float32, torch.bfloat16) or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        if q.dtype not in DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
             raise ValueError(f"paged_decode needs float32/bfloat16 q and pool of one dtype, got {q.dtype}, "
                              f"{k_cache.dtype}, {v_cache.dtype}")
         if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
@@ -102,14 +102,6 @@ class CpuKernels:
                               ln.data_ptr(), b, heads, kvh, d, block_size, scale, int(q.dtype == torch.bfloat16),
                               out.data_ptr(), None if lse is None else lse.data_ptr(), work.data_ptr(), threads)
         return out, lse
-
-
-def cache_dir() -> Path:
-    """Where compiled kernels are kept."""
-    if os.environ.get("BATCHLLM_CACHE_DIR"):
-        return Path(os.environ["BATCHLLM_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "batchllm"
 
 
 def _cpu_signature() -> str:
@@ -135,7 +127,7 @@ def load_cpu_kernels(directory: Path | None = None) -> CpuKernels | None:
         return None
     src = SOURCE.read_bytes()
     key = hashlib.sha256(src + " ".join([cc, *FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
-    out = (directory or cache_dir()) / f"attention-{key}.so"
+    out = (directory or cache_dir() / "kernels") / f"attention-{key}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)

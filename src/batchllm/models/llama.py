@@ -149,7 +149,7 @@ class CausalLM(nn.Module):
             k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
             v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
             attn = backend.forward(q, k_cache, v_cache, prepared, at.scale).reshape(n, at.h * at.d)
-            h = attention_output_and_mlp(h, attn, at.o_proj.weight, layer.post_attention_layernorm.weight, cfg.rms_norm_eps,
-                           layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight)
+            h = attention_output_and_mlp(h, attn, at.o_proj.weight, layer.post_attention_layernorm.weight,
+                                         cfg.rms_norm_eps, layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight)
         h = self.norm(h[logits_rows])
         return self.lm_head(h).float()
