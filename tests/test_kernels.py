@@ -67,17 +67,29 @@ def test_softmax_lse_rejects_what_it_cannot_read() -> None:
         KERNELS.softmax_lse_(torch.randn(4, 6).half(), None, 1.0)
 
 
+def paged_case(dtype: torch.dtype, heads: int, kvh: int, d: int, bs: int) -> tuple[torch.Tensor, ...]:
+    """Scattered blocks; sequences with full, one-key, empty and partial last blocks."""
+    gen = torch.Generator().manual_seed(heads + d + bs)
+    nblocks, b = 40, 6
+    k_cache, v_cache = (torch.randn(kvh, nblocks * bs, d, generator=gen).to(dtype) for _ in range(2))
+    tables = torch.stack([torch.randperm(nblocks - 1, generator=gen)[:7] + 1 for _ in range(b)])
+    lens = torch.tensor([7 * bs, 1, 0, 3 * bs + 1, 5, 7 * bs - 1])
+    q = torch.randn(b, heads, d, generator=gen).to(dtype)
+    return q, k_cache, v_cache, tables, lens
+
+
+# head shapes: MHA, GQA 4 and 8, an odd group (3 = a tile of 2 + 1), and 24, the generic head size
+SHAPES = [(4, 4, 64), (8, 2, 128), (8, 1, 64), (6, 2, 64), (8, 1, 24)]
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads,kvh,d", [(4, 4, 64), (8, 2, 128), (8, 1, 24)])  # 24: the generic head size
+@pytest.mark.parametrize("heads,kvh,d", SHAPES)
+@pytest.mark.parametrize("bs", [4, 32])  # 32: two 16-key chunks per block in the AVX-512 path
 def test_paged_decode_matches_attention_over_the_gathered_kv(dtype: torch.dtype, heads: int, kvh: int,
-                                                             d: int) -> None:
-    gen = torch.Generator().manual_seed(heads + d)
-    bs, nblocks, b = 4, 40, 6
-    k_cache, v_cache = (torch.randn(kvh, nblocks * bs, d, generator=gen).to(dtype) for _ in range(2))
-    tables = torch.stack([torch.randperm(nblocks - 1, generator=gen)[:7] + 1 for _ in range(b)])  # scattered blocks
-    lens = torch.tensor([28, 1, 0, 13, 5, 27])  # full, one key, empty, partial blocks
-    q = torch.randn(b, heads, d, generator=gen).to(dtype)
+                                                             d: int, bs: int) -> None:
+    q, k_cache, v_cache, tables, lens = paged_case(dtype, heads, kvh, d, bs)
+    b = q.shape[0]
     out, lse = KERNELS.paged_decode(q, k_cache, v_cache, tables, lens, bs, d ** -0.5)
     k, v = gather_kv(k_cache, tables, bs), gather_kv(v_cache, tables, bs)  # [kvh, B, T, d]
     want, want_lse = attend(q.view(b, kvh, heads // kvh, d).transpose(0, 1), k, v, lens[None, :, None], d ** -0.5)
@@ -86,6 +98,34 @@ def test_paged_decode_matches_attention_over_the_gathered_kv(dtype: torch.dtype,
     torch.testing.assert_close(lse, want_lse.transpose(0, 1).reshape(b, heads), **TOL[dtype])
     assert out[2].eq(0).all() and lse[2].eq(float("-inf")).all()
     assert KERNELS.paged_decode(q, k_cache, v_cache, tables, lens, bs, d ** -0.5, need_lse=False)[1] is None
+
+
+def cpu_has(flag: str) -> bool:
+    try:
+        return any(flag in line.split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+@needs_kernels
+def test_avx512_decode_is_built_where_the_cpu_has_it(tmp_path: Path) -> None:
+    assert KERNELS.avx512_decode == (cpu_has("avx512f") and cpu_has("avx512_bf16"))
+    portable = load_cpu_kernels(tmp_path, portable=True)
+    assert portable is not None and not portable.avx512_decode
+
+
+@needs_kernels
+@pytest.mark.skipif(KERNELS is None or not KERNELS.avx512_decode, reason="no AVX-512 decode path on this CPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kvh,d", SHAPES[:4])
+def test_avx512_decode_matches_the_portable_loop(dtype: torch.dtype, heads: int, kvh: int, d: int,
+                                                 tmp_path_factory: pytest.TempPathFactory) -> None:
+    portable = load_cpu_kernels(tmp_path_factory.getbasetemp() / "portable", portable=True)
+    for bs in (4, 16, 32):
+        args = (*paged_case(dtype, heads, kvh, d, bs), bs, d ** -0.5)
+        (out, lse), (want, want_lse) = KERNELS.paged_decode(*args), portable.paged_decode(*args)
+        torch.testing.assert_close(out.float(), want.float(), **TOL[dtype])
+        torch.testing.assert_close(lse, want_lse, **TOL[dtype])
 
 
 @needs_kernels

@@ -24,7 +24,8 @@ from batchllm.attention.prefix_shared import (  # noqa: E402
     select_backend,
     should_share,
 )
-from batchllm.attention.reference import ReferenceAttention, attend, flash_min_rows  # noqa: E402
+from batchllm.attention.reference import (  # noqa: E402
+    ReferenceAttention, attend, attend_causal, attend_queries, flash_min_rows)
 from batchllm.kernels.cpu import load_cpu_kernels  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -225,3 +226,26 @@ def test_attend_paths_agree(dtype: torch.dtype) -> None:
         torch.testing.assert_close(o.float(), ref_o.float(), **tol, msg=name)
         torch.testing.assert_close(lse, ref_lse, **tol, msg=name)
         assert lse[1, :, 5].eq(float("-inf")).all() and o[1, :, 5].eq(0).all(), name
+
+
+@pytest.mark.skipif(KERNELS is None, reason="no C compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_query_tiles_match_one_pass(dtype: torch.dtype) -> None:
+    """The kernel path attends query tokens in tiles, each over the keys up to its largest limit;
+    it matches the untiled PyTorch pass for causal, continuing, padded and unordered limits."""
+    gen = torch.Generator().manual_seed(3)
+    n, t = 300, 420
+    q = torch.randn(4, n, 8, 16, generator=gen).to(dtype)
+    k, v = (torch.randn(4, 2, t, 16, generator=gen).to(dtype) for _ in range(2))
+    pos = torch.arange(1, n + 1)
+    limits = torch.stack([pos, pos + t - n, pos.clamp(max=200), torch.randint(0, t + 5, (n,), generator=gen)])
+    limits[3, 7] = 0  # a row with nothing to attend to
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    want_o, want_lse = attend_queries(q, k, v, limits, 0.25)
+    got_o, got_lse = attend_queries(q, k, v, limits, 0.25, kernels=KERNELS)
+    torch.testing.assert_close(got_o.float(), want_o.float(), **tol)
+    torch.testing.assert_close(got_lse, want_lse, **tol)
+    assert attend_queries(q, k, v, limits, 0.25, need_lse=False, kernels=KERNELS)[1] is None
+    (o, lse), (wo, wl) = (attend_causal(q, k[:, :, :n], v[:, :, :n], 0.25, kernels) for kernels in (KERNELS, None))
+    torch.testing.assert_close(o.float(), wo.float(), **tol)
+    torch.testing.assert_close(lse, wl, **tol)

@@ -99,9 +99,14 @@ def key_mask(limits: torch.Tensor, t: int) -> torch.Tensor:
 MAX_KERNEL_SCORES = 1 << 24
 
 
+def kernel_path(q: torch.Tensor, kernels: CpuKernels | None) -> bool:
+    """True when attention of q may run matmul + the C softmax (kernels loaded, CPU fp32/bf16)."""
+    return kernels is not None and kernels.handles(q)
+
+
 def use_kernel(q: torch.Tensor, t: int, kernels: CpuKernels | None) -> bool:
     """True when `attend` of q [..., M, d] over t keys runs matmul + the C softmax."""
-    return kernels is not None and kernels.handles(q) and q.numel() // q.shape[-1] * t <= MAX_KERNEL_SCORES
+    return kernel_path(q, kernels) and q.numel() // q.shape[-1] * t <= MAX_KERNEL_SCORES
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limits: torch.Tensor | None, scale: float,
@@ -156,12 +161,45 @@ def _attend_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     return out, lse
 
 
+# NOTE: on the kernel path query tokens are attended in tiles, each over the keys up to its own
+# largest limit: causal chunks skip most of the masked triangle above the diagonal, and a tile's
+# scores stay cache-sized. Measured (2 threads, 8 q / 2 KV heads, d 64, causal fresh chunks,
+# untiled -> tiled): bf16 tile 128: 8 x 600 tokens 39.4 -> 15.2 ms, 8 x 260 4.5 -> 4.1 ms,
+# 2 x 2000 (the flash kernel before) 66.7 -> 34.5 ms; fp32 tile 64: 37.4 -> 26.8, 10.6 -> 6.5,
+# 65.9 -> 60.0 ms (tile 128: 30.0, 7.7, 64.1).
+QUERY_TILE_FP32 = 64
+QUERY_TILE_HALF = 128
+
+
 def attend_queries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limits: torch.Tensor, scale: float,
                    need_lse: bool = True, kernels: CpuKernels | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`attend` for query tokens: q [B, n, H, d] over k/v [B, kvh, T, d], query j of sequence b
     seeing keys 0 .. limits[b, j]-1 (`limits` broadcastable to [B, n]) -> (out [B, n, H, d],
-    lse [B, n, H] or None).
+    lse [B, n, H] or None). On the kernel path the queries go in tiles (QUERY_TILE_*), each over
+    the keys its rows can see.
+    """
+    b, n, heads, d = q.shape
+    lim = limits.expand(b, n)
+    tile = (QUERY_TILE_FP32 if q.dtype == torch.float32 else QUERY_TILE_HALF) if kernel_path(q, kernels) else n
+    if n <= tile:
+        return _attend_folded(q, k, v, lim, scale, need_lse, kernels)
+    out = torch.empty_like(q)
+    lse = torch.empty(b, n, heads, dtype=torch.float32, device=q.device) if need_lse else None
+    tops = lim.amax(0).tolist()
+    for i0 in range(0, n, tile):
+        i1 = min(n, i0 + tile)
+        t = min(k.shape[-2], max(1, max(tops[i0:i1])))
+        o, tl = _attend_folded(q[:, i0:i1], k[:, :, :t], v[:, :, :t], lim[:, i0:i1], scale, need_lse, kernels)
+        out[:, i0:i1] = o
+        if lse is not None and tl is not None:
+            lse[:, i0:i1] = tl
+    return out, lse
+
+
+def _attend_folded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limits: torch.Tensor, scale: float,
+                   need_lse: bool, kernels: CpuKernels | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One `attend` call for attend_queries (limits [B, n]).
 
     NOTE: the g query heads of a KV head are folded into rows (head in group, query), so each KV
     head is one matmul; the limits repeat per folded head and broadcast over the KV heads.
@@ -170,7 +208,7 @@ def attend_queries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limits: to
     kvh = k.shape[1]
     g = heads // kvh
     qf = q.reshape(b, n, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(b, kvh, g * n, d)
-    lim = limits.expand(b, n)[:, None, None, :].expand(b, 1, g, n).reshape(b, 1, g * n)
+    lim = limits[:, None, None, :].expand(b, 1, g, n).reshape(b, 1, g * n)
     o, lse = attend(qf, k, v, lim, scale, need_lse, kernels)
     o = o.view(b, kvh, g, n, d).permute(0, 3, 1, 2, 4).reshape(b, n, heads, d)
     if lse is not None:
@@ -185,7 +223,7 @@ def attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     the flash kernel runs under its causal flag and skips the blocks above the diagonal."""
     b, n, heads, d = q.shape
     kvh = k.shape[1]
-    if q.device.type == "cpu" and not use_kernel(q, n, kernels):
+    if q.device.type == "cpu" and not kernel_path(q, kernels):
         k, v = k.repeat_interleave(heads // kvh, dim=1), v.repeat_interleave(heads // kvh, dim=1)
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q.transpose(1, 2), k, v, is_causal=True,
                                                                            scale=scale)
@@ -271,7 +309,7 @@ class ReferenceAttention:
             k = gather_kv(k_cache, bucket.blocks, p.block_size)[:, :, :tmax].transpose(0, 1)  # [B, kvh, T, d]
             v = gather_kv(v_cache, bucket.blocks, p.block_size)[:, :, :tmax].transpose(0, 1)
             qb = q[bucket.rows]  # [B, Qmax, H, d]
-            if use_kernel(qb, tmax, self.kernels):
+            if kernel_path(qb, self.kernels):
                 o, _ = attend_queries(qb, k, v, bucket.limits, scale, need_lse=False, kernels=self.kernels)
             else:
                 # NOTE: SDPA's blocked kernel for prefill chunks: ~3x faster here than a padded

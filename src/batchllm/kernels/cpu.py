@@ -39,6 +39,11 @@ class CpuKernels:
     lib: ctypes.CDLL
     path: Path
 
+    @property
+    def avx512_decode(self) -> bool:
+        """Whether `paged_decode` runs its AVX-512 path for head sizes 64 and 128."""
+        return bool(self.lib.avx512_decode())
+
     @staticmethod
     def handles(x: torch.Tensor) -> bool:
         """True for the tensors the kernels take: float32 or bfloat16 on the CPU."""
@@ -115,8 +120,11 @@ def _cpu_signature() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def load_cpu_kernels(directory: Path | None = None) -> CpuKernels | None:
+def load_cpu_kernels(directory: Path | None = None, portable: bool = False) -> CpuKernels | None:
     """Build (once) and load the CPU kernels; None, with a warning, where that is not possible.
+
+    portable=True builds without the instruction-set-specific paths (the reference they are
+    tested against).
 
     NOTE: cached per process: every engine in a process shares the one loaded library.
     """
@@ -125,15 +133,16 @@ def load_cpu_kernels(directory: Path | None = None) -> CpuKernels | None:
     if cc is None:
         warnings.warn(f"batchllm: no C compiler found ({wanted}); CPU attention uses its PyTorch path", stacklevel=2)
         return None
+    flags = [*FLAGS, "-DBATCHLLM_PORTABLE"] if portable else FLAGS
     src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join([cc, *FLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(src + " ".join([cc, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
     out = (directory or cache_dir() / "kernels") / f"attention-{key}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         try:
-            proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+            proc = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
             error = proc.stderr[-2000:] if proc.returncode != 0 else None
         except (OSError, subprocess.TimeoutExpired) as e:
             error = str(e)
@@ -150,4 +159,5 @@ def load_cpu_kernels(directory: Path | None = None) -> CpuKernels | None:
                                                           ctypes.c_void_p] + [ctypes.c_int64] * 5 + [
         ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.softmax_lse_f32.restype = lib.softmax_lse_bf16.restype = lib.paged_decode.restype = None
+    lib.avx512_decode.argtypes, lib.avx512_decode.restype = [], ctypes.c_int
     return CpuKernels(lib, out)
