@@ -121,11 +121,11 @@ def run_case(groups: int, members: int, prefix: int, dtype: torch.dtype, args: a
     v = torch.randn(kvh, nblocks * args.block_size, d, generator=gen).to(dtype)
     q = torch.randn(meta.num_tokens, args.heads, d, generator=gen).to(dtype)
     bpt = 2 * kvh * d * k.element_size()  # K and V bytes per token per layer
-    row = {"G": groups, "m": members, "L": prefix, "dtype": str(dtype).removeprefix("torch."),
-           "auto": select_backend(meta)}
     # NOTE: ref and ps run as the engine runs them (with the C kernels unless --no-kernels);
     # ref_pt is the all-PyTorch reference, timed too so both baselines stay visible.
     kernels = None if args.no_kernels else load_cpu_kernels()
+    row = {"G": groups, "m": members, "L": prefix, "dtype": str(dtype).removeprefix("torch."),
+           "auto": select_backend(meta, kernels is not None)}
     backends = {"ref": ReferenceAttention(kernels), "ps": PrefixSharedAttention(kernels)}
     if kernels is not None:
         backends["ref_pt"] = ReferenceAttention()

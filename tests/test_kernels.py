@@ -134,3 +134,46 @@ def test_paged_decode_rejects_mixed_dtypes() -> None:
     with pytest.raises(ValueError, match="one dtype"):
         KERNELS.paged_decode(torch.zeros(1, 1, 4, dtype=torch.bfloat16), k, k, torch.zeros(1, 2, dtype=torch.long),
                              torch.ones(1, dtype=torch.long), 4, 1.0)
+
+
+def shared_case(dtype: torch.dtype, heads: int, kvh: int, d: int, bs: int, seed: int = 0):
+    """Three groups (3, 1 and 7 members) with prefixes of partial blocks, members' own parts of
+    different lengths, in scattered pool blocks; plus the expected output, attention over the
+    gathered prefix + own keys of each member."""
+    gen = torch.Generator().manual_seed(seed)
+    members, plens = [3, 1, 7], [3 * bs + 5, bs, 11 * bs - 3]
+    nblocks = 200
+    k_cache, v_cache = (torch.randn(kvh, nblocks * bs, d, generator=gen).to(dtype) for _ in range(2))
+    free = (torch.randperm(nblocks - 1, generator=gen) + 1).tolist()
+    take = lambda n: [free.pop() for _ in range(-(-n // bs))]  # noqa: E731
+    pt = [take(n) for n in plens]
+    olens = [int(torch.randint(1, 3 * bs, (1,), generator=gen)) for _ in range(sum(members))]
+    ot = [take(n) for n in olens]
+    pad = lambda rows: torch.tensor([r + [0] * (max(map(len, rows)) - len(r)) for r in rows])  # noqa: E731
+    q = torch.randn(sum(members), heads, d, generator=gen).to(dtype)
+    group_of = [j for j, m in enumerate(members) for _ in range(m)]
+    want = torch.empty_like(q)
+    for i, j in enumerate(group_of):
+        blocks = torch.tensor(pt[j] + ot[i])
+        # the prefix's last block may be partial: keep its real keys, then the own keys
+        keys = torch.cat([torch.arange(plens[j]), len(pt[j]) * bs + torch.arange(olens[i])])
+        k, v = (gather_kv(c, blocks[None], bs)[:, 0, keys] for c in (k_cache, v_cache))  # [kvh, T, d]
+        o, _ = attend(q[i].view(kvh, heads // kvh, d)[:, None], k[:, None], v[:, None], None, d ** -0.5)
+        want[i] = o[:, 0].reshape(heads, d)
+    offsets = torch.tensor([0, *torch.tensor(members).cumsum(0).tolist()])
+    args = (q, k_cache, v_cache, offsets, pad(pt), torch.tensor(plens), pad(ot), torch.tensor(olens), bs, d ** -0.5)
+    return args, want
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kvh,d", SHAPES)
+def test_shared_decode_matches_attention_over_prefix_and_own_keys(dtype: torch.dtype, heads: int, kvh: int, d: int,
+                                                                  tmp_path_factory: pytest.TempPathFactory) -> None:
+    portable = load_cpu_kernels(tmp_path_factory.getbasetemp() / "portable", portable=True)
+    for bs in (4, 16):
+        args, want = shared_case(dtype, heads, kvh, d, bs)
+        for kernels in (KERNELS, portable):
+            for mt in (1, 3, 16):  # members per task: one, a partial tile, the whole group
+                got = kernels.shared_decode(*args, members_per_task=mt)
+                torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])

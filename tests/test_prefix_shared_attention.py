@@ -86,7 +86,8 @@ def compare(meta: AttentionMetadata, heads: int, kvh: int, d: int, dtype: torch.
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kvh", [(4, 4), (8, 2), (8, 1)])
-def test_mixed_step_matches_reference(dtype: torch.dtype, heads: int, kvh: int) -> None:
+@pytest.mark.parametrize("d", [16, 64])  # 64: the kernels' vectorized paths
+def test_mixed_step_matches_reference(dtype: torch.dtype, heads: int, kvh: int, d: int) -> None:
     rng = random.Random(0)
     groups = [
         (5, [(3, 1), (9, 1), (17, 1), (6, 4), (12, 12)]),  # decodes, a mid-own chunk, a whole-own chunk
@@ -95,7 +96,7 @@ def test_mixed_step_matches_reference(dtype: torch.dtype, heads: int, kvh: int) 
         (8, [(2, 1)] * 3 + [(30, 1), (40, 20)]),
     ]
     singles = [(13, 1), (9, 9), (21, 5), (1, 1)]
-    compare(make_step(rng, groups, singles, bs=4), heads, kvh, 16, dtype, seed=1)
+    compare(make_step(rng, groups, singles, bs=4), heads, kvh, d, dtype, seed=1)
 
 
 @pytest.mark.parametrize("seed", range(30))
@@ -157,6 +158,12 @@ def test_auto_selection() -> None:
     auto = AutoAttention("auto")
     assert auto.prepare(small).path == "reference" and auto.last_path == "reference"
     assert auto.prepare(big).path == "prefix-shared" and auto.last_path == "prefix-shared"
+    mid = make_step(rng, [(512 // 16, [(20, 1)] * 4)], [], bs=16)  # 4 members, 512-token prefix
+    assert saved_tokens(mid) == 3 * 512
+    assert not should_share(mid) and should_share(mid, kernels=True)  # the C path pays off sooner
+    if KERNELS is not None:
+        assert AutoAttention("auto", KERNELS).prepare(mid).path == "prefix-shared"
+        assert AutoAttention("auto", KERNELS).prepare(small).path == "reference"
     assert AutoAttention("reference").prepare(big).path == "reference"
     assert AutoAttention("prefix-shared").prepare(small).path == "prefix-shared"
     with pytest.raises(ValueError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -13,18 +14,23 @@ from batchllm.kernels.cpu import CpuKernels
 
 Mode = Literal["auto", "prefix-shared", "reference"]
 
-# NOTE: threshold measured with `bench/bench_attention.py --sweep --groups 1 --rounds 2` on the
+# NOTE: thresholds measured with `bench/bench_attention.py --sweep --groups 1 --rounds 2` on the
 # 2-core dev CPU (decode, 8 q / 2 KV heads, d 64, own part 100, block 16, 2 threads, the engine's
-# allocator setting, C kernels on). Speedup of the shared path over the reference for m members
-# and prefix L (saved = (m-1)*L tokens):
-#   bf16 L=256:  m=1..32 0.14 0.18 0.29 0.43 0.65 0.97   L=1000: 0.24 0.37 0.58 0.86 1.37 1.99
-#   fp32 L=256:  0.20 0.26 0.39 0.56 0.82 1.09           L=1000: 0.33 0.47 0.72 1.04 1.41 1.69
-# The reference decode is one C call over the pool; the shared path pays a fixed ~0.2 ms per
-# layer (a batched prefix pass, the merge, a dozen small ops), then skips reading the saved
-# tokens. One group breaks even near 7,000-8,000 saved tokens; several groups around 8,000-12,000
-# (G=8 m=2 L=1000, 7,936 saved: bf16 1.08x, fp32 0.82x; G=4 m=4 L=1000, 11,904: 1.23x / 1.09x;
-# G=16 m=4 L=256, 12,288: 1.08x / 0.94x). 12,288 keeps the losses small on both sides.
+# allocator setting). Speedup of the shared path over the reference for m = 1, 2, 4, 8, 16, 32
+# members and prefix L (saved = (m-1)*L tokens):
+# - all PyTorch (cpu_kernels=False): the shared path pays a fixed ~0.2 ms per layer (a batched
+#   prefix pass, the merge, a dozen small ops) and wins from about 8,000-12,000 saved tokens
+#   (G=8 m=2 L=1000, 7,936 saved: bf16 1.08x, fp32 0.82x; G=4 m=4 L=1000, 11,904: 1.23x / 1.09x).
 MIN_SAVED_TOKENS = 12288
+# - with the C kernels, grouped decodes are one C call (shared_decode) against one C call per
+#   sequence (paged_decode); the shared path only loses where nearly nothing is shared:
+#   bf16 L=64: 1.23 1.22 1.33 1.59 1.53 1.48; L=1000: 0.90 1.03 1.22 1.44 1.42 1.44
+#   fp32 L=64: 1.24 1.26 1.40 1.61 1.52 1.50; L=1000: 0.78 0.91 1.11 1.27 1.28 1.27
+# The gain is bounded by compute, not memory: a group's prefix pass does the same multiply-adds
+# as the members' per-sequence passes (at 4 query heads per KV head that is ~4 FLOP per KV byte,
+# near this CPU's ~11 FLOP/byte balance), so skipping the repeated KV reads saves ~1.5x at most
+# here, where GPUs, with far more FLOP per byte, see 5-30x.
+MIN_SAVED_TOKENS_KERNELS = 1024
 
 # NOTE: groups are padded together into buckets; a bucket is split when its padded
 # rows x prefix area would exceed BUCKET_SLACK x the real area; at most MAX_BUCKETS buckets, so the
@@ -40,6 +46,11 @@ MAX_BUCKETS = 8
 # they run causal without a mask; `MAX_KERNEL_SCORES` bounds the C softmax's scores). Decode
 # groups have one row per member, so only groups of > 512 get cut.
 MAX_ROWS = 512
+# NOTE: with kernels, decode queries of group members run in C (`CpuKernels.shared_decode`), this
+# many members per pass over their group's prefix. Measured (bf16, 8 q / 2 KV heads, d 64, own
+# part 100), ms per layer for 4, 8, 16, 32 members: G=4 m=16 L=1000 0.89 0.76 0.69 0.69 (per-
+# sequence C decode: 1.00); G=1 m=32 L=1000 0.45 0.38 0.35 0.33 (0.48).
+SHARED_DECODE_MEMBERS = 16
 
 
 @dataclass
@@ -72,6 +83,20 @@ class OwnPiece:
 
 
 @dataclass
+class GroupDecodes:
+    """Decode queries of group members for `CpuKernels.shared_decode` (prefix and own part in C):
+    `rows` [N] flat rows, group by group (None: exactly 0..num_tokens-1), `offsets` [G+1],
+    `prefix_blocks` [G, P] / `prefix_lens` [G], `own_blocks` [N, O] / `own_lens` [N]."""
+
+    rows: torch.Tensor | None
+    offsets: torch.Tensor
+    prefix_blocks: torch.Tensor
+    prefix_lens: torch.Tensor
+    own_blocks: torch.Tensor
+    own_lens: torch.Tensor
+
+
+@dataclass
 class PrefixSharedPrepared:
     """Index tensors of one step for `PrefixSharedAttention.forward`."""
 
@@ -83,6 +108,7 @@ class PrefixSharedPrepared:
     decode_limits: torch.Tensor | None  # [1, Bd, 1] the same as key limits (None: no padding)
     prefills: list[OwnPiece]
     block_size: int
+    group_decodes: GroupDecodes | None = None  # with kernels: grouped decode queries, all in C
     path: str = "prefix-shared"
 
 
@@ -156,7 +182,18 @@ class PrefixSharedAttention:
     def prepare(self, meta: AttentionMetadata) -> PrefixSharedPrepared:
         bs, dev = meta.block_size, meta.device
         shared, items = [0] * meta.num_seqs, []
-        for blocks, members in _groups(meta).items():
+        groups = _groups(meta)
+        in_c: list[tuple[tuple[int, ...], list[int]]] = []  # grouped decodes that run in C
+        if self.kernels is not None and dev.type == "cpu":
+            for blocks, members in groups.items():
+                in_c.append((blocks, [i for i in members if meta.query_lens[i] == 1]))
+                groups[blocks] = [i for i in members if meta.query_lens[i] > 1]
+                for i in in_c[-1][1]:
+                    shared[i] = meta.shared_lens[i]
+            in_c = [(b, m) for b, m in in_c if m]
+        for blocks, members in groups.items():
+            if not members:
+                continue
             rows = [r for i in members for r in range(meta.query_starts[i], meta.query_starts[i] + meta.query_lens[i])]
             items += [(len(rows[c:c + MAX_ROWS]), len(blocks), (blocks, rows[c:c + MAX_ROWS]))
                       for c in range(0, len(rows), MAX_ROWS)]
@@ -178,7 +215,8 @@ class PrefixSharedAttention:
         own_blocks = [meta.block_tables[i][shared[i] // bs: -(-meta.context_lens[i] // bs)]
                       for i in range(meta.num_seqs)]
         own_lens = [meta.context_lens[i] - shared[i] for i in range(meta.num_seqs)]
-        decode = [i for i, q in enumerate(meta.query_lens) if q == 1]
+        c_seqs = {i for _, m in in_c for i in m}
+        decode = [i for i, q in enumerate(meta.query_lens) if q == 1 and i not in c_seqs]
         dblocks = _pad([own_blocks[i] for i in decode], dev)
         dlimits = _limits([own_lens[i] for i in decode], dblocks.shape[1] * bs, dev)
         prefills = []
@@ -198,7 +236,16 @@ class PrefixSharedAttention:
         drows = [meta.query_starts[i] for i in decode]
         drows_t = None if drows == everything else torch.tensor(drows, dtype=torch.long, device=dev)
         dlens = torch.tensor([own_lens[i] for i in decode], dtype=torch.long, device=dev)
-        return PrefixSharedPrepared(buckets, drows_t, len(decode), dblocks, dlens, dlimits, prefills, bs)
+        gd = None
+        if in_c:
+            seqs = [i for _, m in in_c for i in m]
+            crows = [meta.query_starts[i] for i in seqs]
+            gd = GroupDecodes(None if crows == everything else torch.tensor(crows, device=dev),
+                              torch.tensor([0, *itertools.accumulate(len(m) for _, m in in_c)], device=dev),
+                              _pad([list(b) for b, _ in in_c], dev),
+                              torch.tensor([len(b) * bs for b, _ in in_c], device=dev),
+                              _pad([own_blocks[i] for i in seqs], dev), torch.tensor([own_lens[i] for i in seqs], device=dev))
+        return PrefixSharedPrepared(buckets, drows_t, len(decode), dblocks, dlens, dlimits, prefills, bs, gd)
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 prepared: PrefixSharedPrepared, scale: float) -> torch.Tensor:
@@ -207,6 +254,9 @@ class PrefixSharedAttention:
         kvh = k_cache.shape[0]
         g = heads // kvh
         p, bs = prepared, prepared.block_size
+        gd = p.group_decodes
+        if gd is not None and gd.rows is None:  # every query is a group member's decode
+            return self._group_decodes(q, k_cache, v_cache, gd, bs, scale)
         # Own part first, into (o_own, lse_own).
         if p.decode_rows is None:  # decode-only step: no gather/scatter of rows
             o_own, lse_own = self._decode_own(q, k_cache, v_cache, p, scale, self.kernels)
@@ -242,7 +292,15 @@ class PrefixSharedAttention:
             if bk.dst is None:
                 return merge_attention(o, lse, o_own, lse_own).to(q.dtype)
             out[bk.dst] = merge_attention(o, lse, o_own[bk.dst], lse_own[bk.dst]).to(q.dtype)
+        if gd is not None:
+            out[gd.rows] = self._group_decodes(q[gd.rows], k_cache, v_cache, gd, bs, scale)
         return out
+
+    def _group_decodes(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, gd: GroupDecodes,
+                       bs: int, scale: float) -> torch.Tensor:
+        assert self.kernels is not None
+        return self.kernels.shared_decode(q, k_cache, v_cache, gd.offsets, gd.prefix_blocks, gd.prefix_lens,
+                                          gd.own_blocks, gd.own_lens, bs, scale, SHARED_DECODE_MEMBERS)
 
     @staticmethod
     def _decode_own(qd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p: PrefixSharedPrepared,
@@ -266,14 +324,15 @@ def saved_tokens(meta: AttentionMetadata) -> int:
     return _kv_tokens(meta, "reference") - _kv_tokens(meta, "prefix-shared")
 
 
-def should_share(meta: AttentionMetadata) -> bool:
-    """True when the step's groups share enough KV reads for the shared path to pay off."""
-    return saved_tokens(meta) >= MIN_SAVED_TOKENS
+def should_share(meta: AttentionMetadata, kernels: bool = False) -> bool:
+    """True when the step's groups share enough KV reads for the shared path to pay off
+    (`kernels`: the C kernels are in use, which moves the threshold)."""
+    return saved_tokens(meta) >= (MIN_SAVED_TOKENS_KERNELS if kernels else MIN_SAVED_TOKENS)
 
 
-def select_backend(meta: AttentionMetadata) -> str:
+def select_backend(meta: AttentionMetadata, kernels: bool = False) -> str:
     """"prefix-shared" or "reference" for this step, by `should_share`."""
-    return "prefix-shared" if should_share(meta) else "reference"
+    return "prefix-shared" if should_share(meta, kernels) else "reference"
 
 
 def _kv_tokens(meta: AttentionMetadata, path: str) -> int:
@@ -320,10 +379,11 @@ class AutoAttention:
         self.mode = mode
         self.backends: dict[str, Any] = {"reference": ReferenceAttention(kernels),
                                          "prefix-shared": PrefixSharedAttention(kernels)}
+        self.kernels = kernels
         self.last_path: str | None = None
 
     def prepare(self, meta: AttentionMetadata) -> AutoPrepared:
-        path = select_backend(meta) if self.mode == "auto" else self.mode
+        path = select_backend(meta, self.kernels is not None) if self.mode == "auto" else self.mode
         self.last_path = path
         return AutoPrepared(path, self.backends[path].prepare(meta))
 

@@ -1,6 +1,6 @@
 """C kernels for the CPU path: compiled on first use with the system C compiler, loaded with ctypes.
 
-No build step at install time and no torch headers: `attention.c` is plain C with OpenMP, built
+No build step at install time and no torch headers: the sources are plain C with OpenMP, built
 once per source, compiler and CPU into `kernels/` of the cache folder (`config.cache_dir`).
 Without a working C compiler `load_cpu_kernels` returns None and callers keep their PyTorch path.
 """
@@ -23,7 +23,9 @@ import torch
 
 from batchllm.config import cache_dir
 
-SOURCE = Path(__file__).with_name("attention.c")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "softmax.c", HERE / "decode.c"]  # built into one library
+HEADERS = [HERE / "common.h", HERE / "decode_avx512.h"]
 # NOTE: -march=native: the library is built on the machine that runs it (the CPU's flags are in
 # the cache key). -fopenmp links libgomp.so.1, the soname torch's own OpenMP runtime has, so the
 # kernels share torch's thread pool instead of starting a second one that competes for cores.
@@ -87,11 +89,7 @@ class CpuKernels:
         share one dtype (float32 or bfloat16). Returns (out [B, H, d] in q's dtype, lse [B, H]
         float32 or None); a sequence with 0 keys gets out 0 and lse -inf.
         """
-        if q.dtype not in DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-            raise ValueError(f"paged_decode needs float32/bfloat16 q and pool of one dtype, got {q.dtype}, "
-                             f"{k_cache.dtype}, {v_cache.dtype}")
-        if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-            raise ValueError("paged_decode needs contiguous KV caches")
+        self._check_pool(q, k_cache, v_cache)
         b, heads, d = q.shape
         kvh, slots, _ = k_cache.shape
         q = q.contiguous()
@@ -107,6 +105,47 @@ class CpuKernels:
                               ln.data_ptr(), b, heads, kvh, d, block_size, scale, int(q.dtype == torch.bfloat16),
                               out.data_ptr(), None if lse is None else lse.data_ptr(), work.data_ptr(), threads)
         return out, lse
+
+
+    def shared_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, offsets: torch.Tensor,
+                      prefix_tables: torch.Tensor, prefix_lens: torch.Tensor, own_tables: torch.Tensor,
+                      own_lens: torch.Tensor, block_size: int, scale: float, members_per_task: int) -> torch.Tensor:
+        """Decode attention of prefix-sharing group members: each group's prefix read once for all
+        its members' queries, each member's own part, merged by log-sum-exp.
+
+        q: [N, H, d], group j's members in rows offsets[j] .. offsets[j+1]-1 (offsets [G+1]);
+        prefix_tables [G, pnb] / prefix_lens [G]: each group's prefix keys; own_tables [N, onb] /
+        own_lens [N]: each member's own keys (its blocks after the prefix). Pool and dtypes as
+        `paged_decode`. Returns out [N, H, d] in q's dtype. `members_per_task` members share one
+        pass over their group's prefix.
+        """
+        self._check_pool(q, k_cache, v_cache)
+        n, heads, d = q.shape
+        kvh, slots, _ = k_cache.shape
+        q = q.contiguous()
+        off, pbt, plen, obt, olen = (t.to(torch.int64).contiguous()
+                                     for t in (offsets, prefix_tables, prefix_lens, own_tables, own_lens))
+        out = torch.empty_like(q)
+        if n == 0:
+            return out
+        threads = torch.get_num_threads()
+        pmax, omax = pbt.shape[1] * block_size, max(obt.shape[1], 1) * block_size
+        wsize = self.lib.shared_decode_work(heads, kvh, d, members_per_task, pmax, omax)
+        work = torch.empty(threads, wsize, dtype=torch.float32)
+        self.lib.shared_decode(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots, off.numel() - 1,
+                               off.data_ptr(), pbt.data_ptr(), pbt.shape[1], plen.data_ptr(), obt.data_ptr(),
+                               obt.shape[1], olen.data_ptr(), heads, kvh, d, block_size, scale,
+                               int(q.dtype == torch.bfloat16), members_per_task, out.data_ptr(), work.data_ptr(),
+                               wsize, threads)
+        return out
+
+    @staticmethod
+    def _check_pool(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        if q.dtype not in DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+            raise ValueError(f"decode kernels need float32/bfloat16 q and pool of one dtype, got {q.dtype}, "
+                             f"{k_cache.dtype}, {v_cache.dtype}")
+        if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+            raise ValueError("decode kernels need contiguous KV caches")
 
 
 def _cpu_signature() -> str:
@@ -134,7 +173,7 @@ def load_cpu_kernels(directory: Path | None = None, portable: bool = False) -> C
         warnings.warn(f"batchllm: no C compiler found ({wanted}); CPU attention uses its PyTorch path", stacklevel=2)
         return None
     flags = [*FLAGS, "-DBATCHLLM_PORTABLE"] if portable else FLAGS
-    src = SOURCE.read_bytes()
+    src = b"".join(f.read_bytes() for f in SOURCES + HEADERS)
     key = hashlib.sha256(src + " ".join([cc, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
     out = (directory or cache_dir() / "kernels") / f"attention-{key}.so"
     if not out.exists():
@@ -142,7 +181,7 @@ def load_cpu_kernels(directory: Path | None = None, portable: bool = False) -> C
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         try:
-            proc = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+            proc = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True, timeout=300)
             error = proc.stderr[-2000:] if proc.returncode != 0 else None
         except (OSError, subprocess.TimeoutExpired) as e:
             error = str(e)
@@ -160,4 +199,9 @@ def load_cpu_kernels(directory: Path | None = None, portable: bool = False) -> C
         ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.softmax_lse_f32.restype = lib.softmax_lse_bf16.restype = lib.paged_decode.restype = None
     lib.avx512_decode.argtypes, lib.avx512_decode.restype = [], ctypes.c_int
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.shared_decode_work.argtypes, lib.shared_decode_work.restype = [i64] * 6, i64
+    lib.shared_decode.argtypes = [ptr] * 3 + [i64, i64, ptr, ptr, i64, ptr, ptr, i64, ptr] + [i64] * 4 + [
+        ctypes.c_float, ctypes.c_int, i64, ptr, ptr, i64, ctypes.c_int]
+    lib.shared_decode.restype = None
     return CpuKernels(lib, out)

@@ -1,0 +1,37 @@
+/* Shared by the CPU kernels (softmax.c, decode.c): float helpers, compiled into one library. */
+#ifndef BATCHLLM_KERNELS_COMMON_H
+#define BATCHLLM_KERNELS_COMMON_H
+#include <math.h>
+#include <stdint.h>
+#include <omp.h>
+#include <string.h>
+
+/* exp(x) for x <= 0 with float accuracy (about 1 ulp); below -87 it returns exp(-87) ~ 1.6e-38,
+ * which is 0 next to the row maximum's exp(0) = 1. */
+static inline float exp_nonpos(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    float n = nearbyintf(x * 1.44269504088896341f);
+    float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-6f; /* Cody-Waite ln 2 */
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.66666672e-1f + r * (4.16666679e-2f
+              + r * (8.33333377e-3f + r * 1.38888892e-3f)))));
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return p * two_n;
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; inputs are finite */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+#endif

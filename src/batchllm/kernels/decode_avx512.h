@@ -1,0 +1,219 @@
+/* AVX-512 (with bf16) paths of decode.c, for head sizes D that are multiples of 32.
+ *
+ * rows_dot: a few query rows (one sequence's heads of a KV head) over a sequence's keys.
+ * NOTE: why not the portable loop: its score of one key is a dot product that ends in a horizontal
+ * reduction, and those reductions, not memory, bounded it (~100 cycles per key row in bf16). Here
+ * 16 keys' dot-product vectors are reduced together by one transpose-add tree (sum16), bf16 scores
+ * use the CPU's bf16 dot-product instruction (exact products, float sums, like the bf16 matmul the
+ * reference uses), and the value pass keeps a few rows' accumulators in registers while it
+ * streams the value rows once per row tile.
+ *
+ * rows_packed: many query rows (a group's members) over a shared prefix. The prefix K and V are
+ * first repacked into the layouts of a matrix product (16 keys side by side; bf16 V as pairs of
+ * adjacent keys), so each score and value update is a broadcast times a packed vector: ~2
+ * instructions per (row, key) instead of ~7 for rows_dot, paid for by one repack per task.
+ */
+#include <immintrin.h>
+
+/* Lane j of the result is the sum of the 16 lanes of p[j]. */
+static inline __m512 sum16(const __m512 p[16]) {
+    __m512 a[8], b[4], c[2];
+    for (int k = 0; k < 8; k++) /* 128-bit lanes (0,1) + (2,3): two vectors per result */
+        a[k] = _mm512_add_ps(_mm512_shuffle_f32x4(p[2 * k], p[2 * k + 1], 0x44),
+                             _mm512_shuffle_f32x4(p[2 * k], p[2 * k + 1], 0xEE));
+    for (int k = 0; k < 4; k++) /* lanes (0,2) + (1,3): lane L of b[k] holds vector 4k+L in 4 floats */
+        b[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x88),
+                             _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xDD));
+    for (int k = 0; k < 2; k++)
+        c[k] = _mm512_add_ps(_mm512_unpacklo_ps(b[2 * k], b[2 * k + 1]), _mm512_unpackhi_ps(b[2 * k], b[2 * k + 1]));
+    const __m512 d = _mm512_add_ps(
+        _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(c[0]), _mm512_castps_pd(c[1]))),
+        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(c[0]), _mm512_castps_pd(c[1]))));
+    /* element 4L + e of d is vector 4e + L */
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), d);
+}
+
+/* Floats c*16 .. c*16+15 of a float32 or bfloat16 row. */
+ALWAYS_INLINE __m512 load16(const char *row, int64_t c, const int is_bf16) {
+    if (!is_bf16) return _mm512_loadu_ps((const float *)row + 16 * c);
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)row + c));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+/* Value pass of rows r0 .. r0+HP-1 over V in the pool: res[r] = sum_t p[r][t] * v[t], p = scores
+ * rows (stride `stride`). */
+ALWAYS_INLINE void values_tile(const Pool *pl, int64_t kh, const int64_t *bt, int64_t n, const int64_t D,
+                               const int is_bf16, const int HP, int64_t r0, const float *scores, int64_t stride,
+                               float *res) {
+    const int64_t esize = is_bf16 ? 2 : 4;
+    __m512 acc[HP][D / 16];
+    for (int h = 0; h < HP; h++)
+        for (int64_t c = 0; c < D / 16; c++) acc[h][c] = _mm512_setzero_ps();
+    for (int64_t t0 = 0; t0 < n; t0 += pl->bs) {
+        const char *blk = block_start(pl->v, pl, kh, bt, t0, D, esize);
+        const int64_t cnt = n - t0 < pl->bs ? n - t0 : pl->bs;
+        for (int64_t j = 0; j < cnt; j++) {
+            const char *row = blk + j * D * esize;
+            for (int64_t c = 0; c < D / 16; c++) {
+                const __m512 v = load16(row, c, is_bf16);
+                for (int h = 0; h < HP; h++)
+                    acc[h][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[(r0 + h) * stride + t0 + j]), v, acc[h][c]);
+            }
+        }
+    }
+    for (int h = 0; h < HP; h++)
+        for (int64_t c = 0; c < D / 16; c++) _mm512_storeu_ps(res + (r0 + h) * D + 16 * c, acc[h][c]);
+}
+
+/* The value pass of R rows in tiles whose accumulators fit in 16 of the 32 vector registers. */
+ALWAYS_INLINE void values_rows(const Pool *pl, int64_t kh, const int64_t *bt, int64_t n, const int64_t D,
+                               const int is_bf16, int64_t R, const float *scores, int64_t stride, float *res) {
+    int64_t r0 = 0;
+    if (D <= 64)
+        for (; r0 + 4 <= R; r0 += 4) values_tile(pl, kh, bt, n, D, is_bf16, 4, r0, scores, stride, res);
+    for (; r0 + 2 <= R; r0 += 2) values_tile(pl, kh, bt, n, D, is_bf16, 2, r0, scores, stride, res);
+    for (; r0 < R; r0++) values_tile(pl, kh, bt, n, D, is_bf16, 1, r0, scores, stride, res);
+}
+
+/* rows_portable's contract; scores holds R * n floats. */
+ALWAYS_INLINE void rows_dot(const char *const *qrows, int64_t R, const Pool *pl, int64_t kh, const int64_t *bt,
+                            int64_t n, const int64_t D, float scale, const int is_bf16, float *scores, float *res,
+                            float *lse) {
+    const int64_t esize = is_bf16 ? 2 : 4;
+    for (int64_t r = 0; r < R; r++) { /* scores of row r, 16 keys of a block at a time */
+        __m512i qb[D / 32];
+        __m512 qf[D / 16];
+        for (int64_t c = 0; c < D / 32; c++) qb[c] = _mm512_loadu_si512((const __m512i *)qrows[r] + c);
+        for (int64_t c = 0; c < D / 16; c++) qf[c] = is_bf16 ? _mm512_setzero_ps() : load16(qrows[r], c, 0);
+        for (int64_t t0 = 0; t0 < n; t0 += pl->bs) {
+            const char *blk = block_start(pl->k, pl, kh, bt, t0, D, esize);
+            const int64_t end = n - t0 < pl->bs ? n - t0 : pl->bs;
+            for (int64_t j0 = 0; j0 < end; j0 += 16) {
+                const int64_t cnt = end - j0 < 16 ? end - j0 : 16;
+                __m512 p[16];
+                for (int64_t j = 0; j < 16; j++) {
+                    __m512 s = _mm512_setzero_ps();
+                    const char *row = blk + (j0 + j) * D * esize;
+                    if (j < cnt && is_bf16)
+                        for (int64_t c = 0; c < D / 32; c++)
+                            s = _mm512_dpbf16_ps(s, (__m512bh)qb[c], (__m512bh)_mm512_loadu_si512((const __m512i *)row + c));
+                    else if (j < cnt)
+                        for (int64_t c = 0; c < D / 16; c++) s = _mm512_fmadd_ps(qf[c], load16(row, c, 0), s);
+                    p[j] = s;
+                }
+                _mm512_mask_storeu_ps(scores + r * n + t0 + j0, (__mmask16)((1u << cnt) - 1u),
+                                      _mm512_mul_ps(sum16(p), _mm512_set1_ps(scale)));
+            }
+        }
+    }
+    float mx[R], sum[R];
+    exp_rows(scores, R, n, n, mx, sum);
+    values_rows(pl, kh, bt, n, D, is_bf16, R, scores, n, res);
+    finish_rows(res, R, D, n, mx, sum, lse);
+}
+
+/* K of keys 0..n-1 packed per 16-key chunk: for each 32-bit word w of a key row (a bf16 pair or a
+ * float), the 16 keys' words side by side. Keys past n are 0. */
+ALWAYS_INLINE void pack_k(const Pool *pl, int64_t kh, const int64_t *bt, int64_t n, const int64_t D,
+                          const int is_bf16, uint32_t *kp) {
+    const int64_t esize = is_bf16 ? 2 : 4, W = is_bf16 ? D / 2 : D;
+    for (int64_t c0 = 0; c0 < n; c0 += 16) {
+        uint32_t *chunk = kp + c0 * W;
+        for (int64_t k = 0; k < 16; k++) {
+            if (c0 + k < n) {
+                const uint32_t *row = (const uint32_t *)key_row(pl->k, pl, kh, bt, c0 + k, D, esize);
+                for (int64_t w = 0; w < W; w++) chunk[w * 16 + k] = row[w];
+            } else {
+                for (int64_t w = 0; w < W; w++) chunk[w * 16 + k] = 0;
+            }
+        }
+    }
+}
+
+/* bf16 V of keys 0..n-1 as pairs of adjacent keys: for pair t/2 and each 32 columns, the
+ * 16-bit interleave of rows t and t+1 (low half, then high half; a row past n is 0). Column order
+ * within the 32 is permuted; unpair32 undoes it. */
+ALWAYS_INLINE void pack_v_pairs(const Pool *pl, int64_t kh, const int64_t *bt, int64_t n, const int64_t D,
+                                __m512i *vp) {
+    for (int64_t t = 0; t < n; t += 2) {
+        const char *a = key_row(pl->v, pl, kh, bt, t, D, 2);
+        const char *b = t + 1 < n ? key_row(pl->v, pl, kh, bt, t + 1, D, 2) : NULL;
+        for (int64_t c = 0; c < D / 32; c++) {
+            const __m512i x = _mm512_loadu_si512((const __m512i *)a + c);
+            const __m512i y = b ? _mm512_loadu_si512((const __m512i *)b + c) : _mm512_setzero_si512();
+            vp[(t / 2) * (D / 16) + 2 * c] = _mm512_unpacklo_epi16(x, y);
+            vp[(t / 2) * (D / 16) + 2 * c + 1] = _mm512_unpackhi_epi16(x, y);
+        }
+    }
+}
+
+/* Columns 0..31 in order from the (low, high) accumulators of one 32-column group of pack_v_pairs:
+ * lane j of the low one is column 8*(j/4) + j%4, of the high one that + 4. */
+static inline void unpair32(__m512 lo, __m512 hi, float *dst) {
+    const __m512i i0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i i1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    _mm512_storeu_ps(dst, _mm512_permutex2var_ps(lo, i0, hi));
+    _mm512_storeu_ps(dst + 16, _mm512_permutex2var_ps(lo, i1, hi));
+}
+
+/* rows_portable's contract for many rows over one prefix; qrows has R rounded up to 4 entries.
+ * `w` holds shared_decode_work floats. */
+ALWAYS_INLINE void rows_packed(const char *const *qrows, int64_t R, const Pool *pl, int64_t kh, const int64_t *bt,
+                               int64_t n, const int64_t D, float scale, const int is_bf16, float *w, float *res,
+                               float *lse) {
+    const int64_t W = is_bf16 ? D / 2 : D, pn = (n + 15) / 16 * 16, R4 = (R + 3) / 4 * 4;
+    uint32_t *kp = (uint32_t *)w;
+    __m512i *vp = (__m512i *)(w + pn * D); /* bf16 only: pn / 2 pairs x D / 16 vectors */
+    float *scores = w + 2 * pn * D;
+    uint16_t *p16 = (uint16_t *)(scores + R4 * pn);
+    pack_k(pl, kh, bt, n, D, is_bf16, kp);
+    for (int64_t c0 = 0; c0 < pn; c0 += 16) /* scores: 4 rows x 16 keys per step */
+        for (int64_t r0 = 0; r0 < R4; r0 += 4) {
+            /* NOTE: measured against 8 rows per step (8 accumulator chains): 4 was 1.1x faster */
+            __m512 acc[4];
+            for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_ps();
+            for (int64_t x = 0; x < W; x++) {
+                const __m512i kv = _mm512_loadu_si512((const __m512i *)(kp + c0 * W + x * 16));
+                for (int r = 0; r < 4; r++) {
+                    if (is_bf16)
+                        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(((const int32_t *)qrows[r0 + r])[x]),
+                                                  (__m512bh)kv);
+                    else
+                        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(((const float *)qrows[r0 + r])[x]),
+                                                 _mm512_castsi512_ps(kv), acc[r]);
+                }
+            }
+            for (int r = 0; r < 4; r++)
+                _mm512_storeu_ps(scores + (r0 + r) * pn + c0, _mm512_mul_ps(acc[r], _mm512_set1_ps(scale)));
+        }
+    float mx[R], sum[R];
+    exp_rows(scores, R, n, pn, mx, sum);
+    if (!is_bf16) {
+        values_rows(pl, kh, bt, n, D, 0, R, scores, pn, res);
+    } else { /* probabilities as bf16 (as the reference's bf16 matmul takes them), pairs of keys */
+        pack_v_pairs(pl, kh, bt, n, D, vp);
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t t = 0; t < pn; t += 16) { /* round to nearest even; keys past n become 0 */
+                const __mmask16 real = t + 16 <= n ? 0xFFFF : (t < n ? (__mmask16)((1u << (n - t)) - 1u) : 0);
+                const __m512 x = _mm512_maskz_loadu_ps(real, scores + r * pn + t);
+                _mm256_storeu_si256((__m256i *)(p16 + r * pn + t), (__m256i)_mm512_cvtneps_pbh(x));
+            }
+        const int HP = D == 64 ? 4 : 2; /* 16 accumulators */
+        for (int64_t r0 = 0; r0 < R; r0 += HP) {
+            __m512 acc[4][8];
+            for (int h = 0; h < HP; h++)
+                for (int64_t c = 0; c < D / 16; c++) acc[h][c] = _mm512_setzero_ps();
+            for (int64_t t = 0; t < n; t += 2) {
+                const __m512i *v = vp + (t / 2) * (D / 16);
+                for (int h = 0; h < HP; h++) {
+                    const int64_t r = r0 + h < R ? r0 + h : R - 1;
+                    const __m512bh pp = (__m512bh)_mm512_set1_epi32(*(const int32_t *)(p16 + r * pn + t));
+                    for (int64_t c = 0; c < D / 16; c++) acc[h][c] = _mm512_dpbf16_ps(acc[h][c], pp, (__m512bh)v[c]);
+                }
+            }
+            for (int h = 0; h < HP && r0 + h < R; h++)
+                for (int64_t c = 0; c < D / 32; c++) unpair32(acc[h][2 * c], acc[h][2 * c + 1], res + (r0 + h) * D + 32 * c);
+        }
+    }
+    finish_rows(res, R, D, n, mx, sum, lse);
+}
