@@ -177,3 +177,33 @@ def test_shared_decode_matches_attention_over_prefix_and_own_keys(dtype: torch.d
             for mt in (1, 3, 16):  # members per task: one, a partial tile, the whole group
                 got = kernels.shared_decode(*args, members_per_task=mt)
                 torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_matches_torch(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(9, 1000, generator=gen) * 3).to(dtype)
+    x[1, 10] = x[1, 700] = x[1].max() + 1  # a tie: the first index wins
+    x[2] = float("-inf")  # nothing but -inf: index 0
+    x[3, 5], x[3, 900] = float("nan"), float("inf")  # a NaN wins, as in torch
+    x[4, -1] = float("inf")
+    assert torch.equal(KERNELS.argmax(x), x.float().argmax(-1))
+    assert KERNELS.argmax(x[:0]).shape == (0,)
+    with pytest.raises(ValueError, match="rows, vocab"):
+        KERNELS.argmax(x[0])
+
+
+@needs_kernels
+def test_sampler_greedy_rows_agree_with_and_without_kernels() -> None:
+    from batchllm.executor.sampler import Sampler
+    from batchllm.sampling_params import SamplingParams
+    from batchllm.sequence import Sequence
+
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(6, 300, generator=gen).to(torch.bfloat16)
+    params = [SamplingParams(temperature=0, logprobs=2), SamplingParams(temperature=0.8, seed=1)] * 3
+    seqs = [Sequence(i, i, 0, [1, 2, 3], 3, p, torch.Generator().manual_seed(i)) for i, p in enumerate(params)]
+    a, b = Sampler(KERNELS)(logits, seqs), Sampler()(logits, seqs)
+    assert a.token_ids[::2] == logits[::2].float().argmax(-1).tolist() == b.token_ids[::2]
+    assert a.logprobs[::2] == b.logprobs[::2] and all(lp is not None for lp in a.logprobs[::2])

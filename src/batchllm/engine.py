@@ -58,7 +58,7 @@ class Engine:
         kernels = load_cpu_kernels() if config.cpu_kernels and self.device.type == "cpu" else None
         self.runner = ModelRunner(model, self.num_blocks, config.block_size, self.dtype, self.device,
                                   make_backend(config.attention, kernels))
-        self.sampler = Sampler()
+        self.sampler = Sampler(kernels)
 
     @property
     def eos_token_ids(self) -> list[int]:

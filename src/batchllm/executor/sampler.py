@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from batchllm.kernels.cpu import CpuKernels
 from batchllm.sequence import Sequence
 
 
@@ -27,16 +28,27 @@ class SampleResult:
 
 class Sampler:
     """Samples one token per row. Each non-greedy row draws from its sequence's own generator,
-    so a request's sample does not depend on which other requests share the step."""
+    so a request's sample does not depend on which other requests share the step.
+
+    Logits come in the model's dtype; probabilities and logprobs are computed in float32. With
+    `kernels` the greedy argmax runs in C on the logits as they are (the same index as
+    `logits.float().argmax(-1)`: bf16 to float32 is exact and keeps order and ties).
+    """
+
+    def __init__(self, kernels: CpuKernels | None = None) -> None:
+        self.kernels = kernels
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         b = logits.shape[0]
         greedy = torch.tensor([s.params.greedy for s in seqs], dtype=torch.bool)
-        tokens = logits.argmax(dim=-1)
+        if self.kernels is not None and self.kernels.handles(logits):
+            tokens = self.kernels.argmax(logits)
+        else:
+            tokens = logits.float().argmax(dim=-1)
         sampled_rows = (~greedy).nonzero().flatten().tolist()
         if sampled_rows:
             rows = torch.tensor(sampled_rows)
-            probs = self._filtered_probs(logits[rows], [seqs[i] for i in sampled_rows])
+            probs = self._filtered_probs(logits[rows].float(), [seqs[i] for i in sampled_rows])
             # NOTE: the exponential race (argmax p/E, E ~ Exp(1)) samples from p with one draw
             # per row from that row's own generator.
             race = torch.empty_like(probs)
@@ -48,7 +60,7 @@ class Sampler:
         lps: list[float | None] = [None] * b
         tops: list[dict[int, float] | None] = [None] * b
         if want:
-            logp = torch.log_softmax(logits[want], dim=-1)
+            logp = torch.log_softmax(logits[want].float(), dim=-1)
             k = max(seqs[i].params.logprobs for i in want)
             top_v, top_i = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], logp[:, :0].long())
             for j, i in enumerate(want):

@@ -24,7 +24,7 @@ import torch
 from batchllm.config import cache_dir
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "softmax.c", HERE / "decode.c"]  # built into one library
+SOURCES = [HERE / "softmax.c", HERE / "decode.c", HERE / "argmax.c"]  # built into one library
 HEADERS = [HERE / "common.h", HERE / "decode_avx512.h"]
 # NOTE: -march=native: the library is built on the machine that runs it (the CPU's flags are in
 # the cache key). -fopenmp links libgomp.so.1, the soname torch's own OpenMP runtime has, so the
@@ -78,6 +78,22 @@ class CpuKernels:
             work = torch.empty(threads, cols, dtype=torch.float32)
             self.lib.softmax_lse_bf16(*args, work.data_ptr(), threads)
         return lse
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Index of each row's maximum, as `logits.argmax(-1)` (first maximum; first NaN if any):
+        logits [rows, vocab] float32 or bfloat16 -> [rows] int64."""
+        if logits.dim() != 2 or logits.dtype not in DTYPES:
+            raise ValueError(f"argmax needs [rows, vocab] float32/bfloat16 logits, got {logits.dtype} "
+                             f"{tuple(logits.shape)}")
+        x = logits.contiguous()
+        rows, n = x.shape
+        out = torch.empty(rows, dtype=torch.int64)
+        threads = torch.get_num_threads()
+        work = torch.empty(threads, n if x.dtype == torch.bfloat16 else 0, dtype=torch.float32)
+        if rows:
+            self.lib.argmax_rows(x.data_ptr(), rows, n, int(x.dtype == torch.bfloat16), out.data_ptr(),
+                                 work.data_ptr(), threads)
+        return out
 
     def paged_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      lens: torch.Tensor, block_size: int, scale: float,
@@ -204,4 +220,6 @@ def load_cpu_kernels(directory: Path | None = None, portable: bool = False) -> C
     lib.shared_decode.argtypes = [ptr] * 3 + [i64, i64, ptr, ptr, i64, ptr, ptr, i64, ptr] + [i64] * 4 + [
         ctypes.c_float, ctypes.c_int, i64, ptr, ptr, i64, ctypes.c_int]
     lib.shared_decode.restype = None
+    lib.argmax_rows.argtypes = [ptr, i64, i64, ctypes.c_int, ptr, ptr, ctypes.c_int]
+    lib.argmax_rows.restype = None
     return CpuKernels(lib, out)

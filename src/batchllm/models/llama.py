@@ -134,7 +134,9 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, backend: AttentionBackend, prepared: Any,
                 logits_rows: torch.Tensor) -> torch.Tensor:
-        """Run the flat batch; return float32 logits of the rows in `logits_rows` only."""
+        """Run the flat batch; return the logits of the rows in `logits_rows` only, in the model's
+        dtype (the sampler widens what it needs: a float32 copy of every row cost more than the
+        greedy argmax itself)."""
         cfg, n = self.cfg, input_ids.shape[0]
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary.tables(positions, h.dtype)
@@ -152,4 +154,4 @@ class CausalLM(nn.Module):
             h = attention_output_and_mlp(h, attn, at.o_proj.weight, layer.post_attention_layernorm.weight,
                                          cfg.rms_norm_eps, layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight)
         h = self.norm(h[logits_rows])
-        return self.lm_head(h).float()
+        return self.lm_head(h)
