@@ -267,3 +267,33 @@ def test_eos_falls_back_to_tokenizer_config(llama_dir: Path, tmp_path: Path) -> 
     path = copy_model(llama_dir, tmp_path / "m")
     (path / "generation_config.json").unlink()
     assert LLM(str(path), num_kv_blocks=16).engine.eos_token_ids == [EOS_ID]
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("qwen2", False)])  # qwen2: q/k/v bias
+def test_packed_linear_weights_give_identical_results(model_factory: Callable[..., Path], arch: str,
+                                                      tied: bool) -> None:
+    """bf16 projections and LM head packed for oneDNN compute exactly what F.linear computes with
+    the plain weights; fp32 models are left unpacked (their results must match transformers)."""
+    from batchllm.models.linear import can_pack, linear
+    from batchllm.models.loader import load_model
+
+    path = model_factory(arch, tie_word_embeddings=tied)
+    cfg = read_config(path)
+    cpu = torch.device("cpu")
+    plain, packed = (load_model(path, cfg, torch.bfloat16, cpu, 64, pack_weights=p) for p in (False, True))
+    if not can_pack(plain.lm_head.weight):
+        pytest.skip("no oneDNN weight packing in this torch build")
+    pairs = [(plain.lm_head, packed.lm_head)] + [
+        (x, y) for a, b in zip(plain.layers, packed.layers)
+        for x, y in zip((a.self_attn.qkv_proj, a.self_attn.o_proj, a.mlp.gate_up_proj, a.mlp.down_proj),
+                        (b.self_attn.qkv_proj, b.self_attn.o_proj, b.mlp.gate_up_proj, b.mlp.down_proj))]
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for a, b in pairs:
+            assert b.weight.is_mkldnn and not a.weight.is_mkldnn
+            for rows in (1, 7, 300):
+                x = torch.randn(rows, a.weight.shape[1], generator=gen).to(torch.bfloat16)
+                assert torch.equal(linear(x, b.weight, b.bias), torch.nn.functional.linear(x, a.weight, a.bias))
+    assert torch.equal(packed.embed_tokens.weight, plain.embed_tokens.weight)  # a tied embedding keeps its weight
+    fp32 = load_model(path, cfg, torch.float32, cpu, 64, pack_weights=True)
+    assert not fp32.lm_head.weight.is_mkldnn and fp32.pack_linear_weights() == 0

@@ -53,8 +53,9 @@ class EngineConfig:
     lpm_window: int = 128
     # On CPU: keep freed memory in malloc's heap instead of unmapping it (executor/malloc.py).
     keep_heap: bool = True
-    # On CPU: run attention's softmax through the C kernels (kernels/), compiled on first use;
-    # False, or no C compiler, keeps the all-PyTorch path.
+    # On CPU: attention, decode and greedy argmax through the C kernels (kernels/), compiled on
+    # first use, and bf16 linear weights packed once for oneDNN (models/linear.py); False keeps
+    # the all-PyTorch path (no C compiler: the kernels fall back, the packing stays).
     cpu_kernels: bool = True
 
     @classmethod

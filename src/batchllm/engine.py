@@ -54,7 +54,7 @@ class Engine:
                 raise ValueError(f"kv_cache_memory {memory} bytes holds no block of {config.block_size} "
                                  f"tokens ({per_token} bytes per token)")
         self.kv_bytes_per_token = per_token
-        model = load_model(path, mc, self.dtype, self.device, self.max_model_len)
+        model = load_model(path, mc, self.dtype, self.device, self.max_model_len, pack_weights=config.cpu_kernels)
         kernels = load_cpu_kernels() if config.cpu_kernels and self.device.type == "cpu" else None
         self.runner = ModelRunner(model, self.num_blocks, config.block_size, self.dtype, self.device,
                                   make_backend(config.attention, kernels))

@@ -20,6 +20,7 @@ from torch import nn
 from batchllm.attention.backend import AttentionBackend
 from batchllm.attention.metadata import AttentionMetadata
 from batchllm.models.config import ModelConfig
+from batchllm.models.linear import can_pack, linear, pack
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -42,7 +43,7 @@ def attention_inputs(h: torch.Tensor, ln_w: torch.Tensor, eps: float, qkv_w: tor
                      head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Input norm, fused q/k/v projection, optional q/k norm and rope: q [n, heads, d], k/v [n, kvh, d]."""
     n = h.shape[0]
-    qkv = F.linear(rms_norm(h, ln_w, eps), qkv_w, qkv_b)
+    qkv = linear(rms_norm(h, ln_w, eps), qkv_w, qkv_b)
     # NOTE: q and k are adjacent in the fused projection: one rope pass rotates both (2x faster
     # than two); q and k come back as views of that one tensor.
     qk = qkv[:, : (heads + kv_heads) * head_dim].view(n, heads + kv_heads, head_dim)
@@ -55,9 +56,9 @@ def attention_inputs(h: torch.Tensor, ln_w: torch.Tensor, eps: float, qkv_w: tor
 def attention_output_and_mlp(h: torch.Tensor, attn: torch.Tensor, o_w: torch.Tensor, ln_w: torch.Tensor,
                              eps: float, gate_up_w: torch.Tensor, down_w: torch.Tensor) -> torch.Tensor:
     """The rest of a layer: h + o_proj(attn), then the post-attention norm and the gated MLP residual."""
-    h = h + F.linear(attn, o_w)
-    gate, up = F.linear(rms_norm(h, ln_w, eps), gate_up_w).chunk(2, dim=-1)
-    return h + F.linear(F.silu(gate).mul_(up), down_w)
+    h = h + linear(attn, o_w)
+    gate, up = linear(rms_norm(h, ln_w, eps), gate_up_w).chunk(2, dim=-1)
+    return h + linear(F.silu(gate).mul_(up), down_w)
 
 
 class RMSNorm(nn.Module):
@@ -130,6 +131,19 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(cfg, max_positions)
 
+    def pack_linear_weights(self) -> int:
+        """Replace the projection and LM head weights by their oneDNN-packed form where `can_pack`
+        (CPU bf16; see models/linear.py); returns how many were packed. The embedding keeps its
+        own weight (a tied LM head gets a packed copy)."""
+        mods = [self.lm_head] + [m for layer in self.layers for m in (
+            layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+        packed = 0
+        for m in mods:
+            if can_pack(m.weight):
+                m.weight = nn.Parameter(pack(m.weight.detach()), requires_grad=False)
+                packed += 1
+        return packed
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, backend: AttentionBackend, prepared: Any,
@@ -154,4 +168,4 @@ class CausalLM(nn.Module):
             h = attention_output_and_mlp(h, attn, at.o_proj.weight, layer.post_attention_layernorm.weight,
                                          cfg.rms_norm_eps, layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight)
         h = self.norm(h[logits_rows])
-        return self.lm_head(h)
+        return linear(h, self.lm_head.weight)

@@ -65,8 +65,9 @@ def _hf_to_ours(name: str) -> tuple[str, int | None]:
 
 
 def load_model(path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
-               max_positions: int) -> CausalLM:
-    """Build the model on `device` in `dtype` with the folder's weights; every parameter must be found."""
+               max_positions: int, pack_weights: bool = False) -> CausalLM:
+    """Build the model on `device` in `dtype` with the folder's weights; every parameter must be
+    found. `pack_weights`: pack the linear weights for oneDNN where possible (`CausalLM.pack_linear_weights`)."""
     path = Path(path)
     with torch.device("meta"):
         model = CausalLM(cfg, max_positions=1)
@@ -98,4 +99,6 @@ def load_model(path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: t
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary = Rotary(cfg, max_positions).to(device)
+    if pack_weights:
+        model.pack_linear_weights()
     return model.eval()
