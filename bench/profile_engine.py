@@ -22,7 +22,8 @@ from spec import load_spec  # noqa: E402
 import batchllm.engine as engine_module  # noqa: E402
 from batchllm import LLM, SamplingParams  # noqa: E402
 
-GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu")
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise",
+            "aten::_scaled_dot_product_flash_attention_for_cpu")
 
 
 def timed(fn, bucket: str, totals: dict[str, float]):
