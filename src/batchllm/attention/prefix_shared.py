@@ -9,7 +9,8 @@ from typing import Any, Literal
 import torch
 
 from batchllm.attention.metadata import AttentionMetadata
-from batchllm.attention.reference import ReferenceAttention, attend, attend_causal, attend_queries, gather_kv
+from batchllm.attention.reference import (PrefillBucket, ReferenceAttention, attend, attend_bucket, bucket_prefills,
+                                         gather_kv, prefill_bucket)
 from batchllm.kernels.cpu import CpuKernels
 
 Mode = Literal["auto", "prefix-shared", "reference"]
@@ -43,8 +44,9 @@ MAX_BUCKETS = 8
 # NOTE: query rows are cut into pieces of at most MAX_ROWS (a group's stacked rows, a continuing
 # prefill chunk) to bound per-pass memory: the scores on attend's matmul paths (512 x 8 heads x
 # 4096 KV) or the flash kernel's additive mask. Fresh chunks are not cut (under the flash kernel
-# they run causal without a mask; `MAX_KERNEL_SCORES` bounds the C softmax's scores). Decode
-# groups have one row per member, so only groups of > 512 get cut.
+# they run causal without a mask; with kernels `attend_queries` works in query tiles). Decode
+# groups have one row per member, so only groups of > 512 get cut. Own prefill pieces are then
+# padded into buckets (`bucket_prefills`), as the reference backend does with prefill chunks.
 MAX_ROWS = 512
 # NOTE: with kernels, decode queries of group members run in C (`CpuKernels.shared_decode`), this
 # many members per pass over their group's prefix. Measured (bf16, 8 q / 2 KV heads, d 64, own
@@ -66,20 +68,6 @@ class GroupBucket:
     limits: torch.Tensor | None
     src: torch.Tensor | None
     dst: torch.Tensor | None
-
-
-@dataclass
-class OwnPiece:
-    """Prefill queries `start .. start+n` (flat rows) of one sequence against its own KV
-    0 .. t-1 (blocks `blocks`); query j attends own KV 0 .. limits[j]-1. `fresh`: the piece is
-    the whole own part (t == n, limits 1..n), which may run under a causal flag instead."""
-
-    start: int
-    n: int
-    blocks: torch.Tensor
-    t: int
-    limits: torch.Tensor
-    fresh: bool
 
 
 @dataclass
@@ -106,7 +94,7 @@ class PrefixSharedPrepared:
     decode_blocks: torch.Tensor  # [Bd, nb] own-part blocks (from shared_len on)
     decode_lens: torch.Tensor  # [Bd] own KV tokens of each decode query
     decode_limits: torch.Tensor | None  # [1, Bd, 1] the same as key limits (None: no padding)
-    prefills: list[OwnPiece]
+    prefills: list[PrefillBucket]  # members' and ungrouped sequences' own prefill pieces, bucketed
     block_size: int
     group_decodes: GroupDecodes | None = None  # with kernels: grouped decode queries, all in C
     path: str = "prefix-shared"
@@ -219,20 +207,18 @@ class PrefixSharedAttention:
         decode = [i for i, q in enumerate(meta.query_lens) if q == 1 and i not in c_seqs]
         dblocks = _pad([own_blocks[i] for i in decode], dev)
         dlimits = _limits([own_lens[i] for i in decode], dblocks.shape[1] * bs, dev)
-        prefills = []
+        pieces = []  # (q_len, own ctx_len, first flat row, own blocks) of each own prefill piece
         for i, n in enumerate(meta.query_lens):
             if n > 1 and own_lens[i] == n:  # fresh own part: one causal piece, not cut
-                bt = torch.tensor(own_blocks[i], dtype=torch.long, device=dev)
-                prefills.append(OwnPiece(meta.query_starts[i], n, bt, n, torch.arange(1, n + 1, device=dev), True))
+                pieces.append((n, n, meta.query_starts[i], own_blocks[i]))
                 continue
             for c in range(0, n if n > 1 else 0, MAX_ROWS):
                 # Piece c .. c+nc of the chunk: its queries sit at own positions t-nc .. t-1 and
                 # query j sees own positions 0 .. t-nc+j, so it needs own KV 0 .. t-1 only.
                 nc = min(MAX_ROWS, n - c)
                 t = own_lens[i] - n + c + nc
-                bt = torch.tensor(own_blocks[i][: -(-t // bs)], dtype=torch.long, device=dev)
-                lim = torch.arange(t - nc + 1, t + 1, device=dev)
-                prefills.append(OwnPiece(meta.query_starts[i] + c, nc, bt, t, lim, False))
+                pieces.append((nc, t, meta.query_starts[i] + c, own_blocks[i]))
+        prefills = [prefill_bucket([pieces[j] for j in b], bs, dev) for b in bucket_prefills([p[:2] for p in pieces])]
         drows = [meta.query_starts[i] for i in decode]
         drows_t = None if drows == everything else torch.tensor(drows, dtype=torch.long, device=dev)
         dlens = torch.tensor([own_lens[i] for i in decode], dtype=torch.long, device=dev)
@@ -266,16 +252,9 @@ class PrefixSharedAttention:
             if p.num_decodes:
                 o_d, lse_d = self._decode_own(q[p.decode_rows], k_cache, v_cache, p, scale, self.kernels)
                 o_own[p.decode_rows], lse_own[p.decode_rows] = o_d, lse_d
-        for pc in p.prefills:
-            start, n, t = pc.start, pc.n, pc.t
-            k = gather_kv(k_cache, pc.blocks, bs)[:, :t][None]  # [1, kvh, t, d]
-            v = gather_kv(v_cache, pc.blocks, bs)[:, :t][None]
-            qp = q[start:start + n][None]  # [1, n, H, d]
-            if pc.fresh:
-                o, lse = attend_causal(qp, k, v, scale, self.kernels)
-            else:
-                o, lse = attend_queries(qp, k, v, pc.limits, scale, kernels=self.kernels)
-            o_own[start:start + n], lse_own[start:start + n] = o[0], lse[0]
+        for bucket in p.prefills:
+            rows = bucket.rows.flatten()[bucket.valid_rows]
+            o_own[rows], lse_own[rows] = attend_bucket(q, k_cache, v_cache, bucket, bs, scale, self.kernels, need_lse=True)
         # Prefix part: one batched pass per bucket, each group's prefix KV gathered once, then merged
         # into the own part's rows (ungrouped rows keep their own-part result untouched).
         out = o_own

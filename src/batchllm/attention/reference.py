@@ -249,6 +249,56 @@ def bucket_prefills(items: list[tuple[int, int]]) -> list[list[int]]:
     return buckets
 
 
+def prefill_bucket(chunks: list[tuple[int, int, int, list[int]]], block_size: int,
+                   dev: torch.device) -> PrefillBucket:
+    """One bucket of prefill chunks (q_len, ctx_len, first flat row, block table): query j of a
+    chunk sits at position ctx_len - q_len + j and attends keys 0 .. that position."""
+    q = torch.tensor([c[0] for c in chunks], device=dev)
+    ctx = torch.tensor([c[1] for c in chunks], device=dev)
+    starts = torch.tensor([c[2] for c in chunks], device=dev)
+    qmax, tmax = int(q.max()), int(ctx.max())
+    offs = torch.arange(qmax, device=dev)[None, :]
+    valid_rows = offs < q[:, None]
+    rows = starts[:, None] + torch.minimum(offs, q[:, None] - 1)
+    qpos = ctx[:, None] - q[:, None] + torch.minimum(offs, q[:, None] - 1)  # [B, Qmax]
+    nb = -(-tmax // block_size)
+    tables = torch.zeros(len(chunks), nb, dtype=torch.long)
+    for j, c in enumerate(chunks):
+        used = c[3][:nb]
+        tables[j, : len(used)] = torch.tensor(used, dtype=torch.long)
+    return PrefillBucket(rows, valid_rows.flatten(), tables.to(dev), tmax, qpos + 1, bool((q == ctx).all()))
+
+
+def attend_bucket(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bucket: PrefillBucket,
+                  block_size: int, scale: float, kernels: CpuKernels | None,
+                  need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of a bucket's real query rows over their chunks' KV in the pool -> (out [R, H, d],
+    lse [R, H] or None) for the R rows `bucket.rows.flatten()[bucket.valid_rows]`, in that order."""
+    b, qmax = bucket.rows.shape
+    _, heads, d = q.shape
+    g = heads // k_cache.shape[0]
+    k = gather_kv(k_cache, bucket.blocks, block_size)[:, :, :bucket.tmax].transpose(0, 1)  # [B, kvh, T, d]
+    v = gather_kv(v_cache, bucket.blocks, block_size)[:, :, :bucket.tmax].transpose(0, 1)
+    qb = q[bucket.rows]  # [B, Qmax, H, d]
+    lse = None
+    if kernel_path(qb, kernels) or (need_lse and not bucket.fresh):
+        o, lse = attend_queries(qb, k, v, bucket.limits, scale, need_lse, kernels)
+    elif need_lse:  # fresh chunks padded at the end: the causal flag is exact for the real rows
+        o, lse = attend_causal(qb, k, v, scale)
+    else:
+        # NOTE: SDPA's blocked kernel for prefill chunks: ~3x faster here than a padded
+        # PyTorch matmul + softmax, and it never materialises the [B, H, Qmax, T] scores.
+        qt, k, v = qb.transpose(1, 2), k.contiguous(), v.contiguous()
+        if bucket.fresh:
+            o = F.scaled_dot_product_attention(qt, k, v, is_causal=True, scale=scale, enable_gqa=g > 1)
+        else:
+            o = F.scaled_dot_product_attention(qt, k, v, attn_mask=bucket.bias(q.dtype), scale=scale,
+                                               enable_gqa=g > 1)
+        o = o.transpose(1, 2)
+    o = o.reshape(b * qmax, heads, d)[bucket.valid_rows]
+    return o, None if lse is None else lse.reshape(b * qmax, heads)[bucket.valid_rows]
+
+
 class ReferenceAttention:
     """Decode queries batched in one padded gather + matmul; prefill chunks in padded buckets.
 
@@ -269,22 +319,8 @@ class ReferenceAttention:
         rows = torch.tensor([meta.query_starts[i] for i in decode], dtype=torch.long, device=dev)
         pre = [i for i, q in enumerate(meta.query_lens) if q > 1]
         buckets = bucket_prefills([(meta.query_lens[i], meta.context_lens[i]) for i in pre])
-        return ReferencePrepared(rows, blocks, lens, [self._bucket(meta, [pre[j] for j in b]) for b in buckets], bs)
-
-    @staticmethod
-    def _bucket(meta: AttentionMetadata, seqs: list[int]) -> PrefillBucket:
-        dev, bs = meta.device, meta.block_size
-        q = torch.tensor([meta.query_lens[i] for i in seqs], device=dev)
-        ctx = torch.tensor([meta.context_lens[i] for i in seqs], device=dev)
-        starts = torch.tensor([meta.query_starts[i] for i in seqs], device=dev)
-        qmax, tmax = int(q.max()), int(ctx.max())
-        offs = torch.arange(qmax, device=dev)[None, :]
-        valid_rows = offs < q[:, None]
-        rows = starts[:, None] + torch.minimum(offs, q[:, None] - 1)
-        qpos = ctx[:, None] - q[:, None] + torch.minimum(offs, q[:, None] - 1)  # [B, Qmax]
-        nb = -(-tmax // bs)
-        return PrefillBucket(rows, valid_rows.flatten(), meta.padded_block_table(seqs, nb), tmax, qpos + 1,
-                             bool((q == ctx).all()))
+        chunks = [(meta.query_lens[i], meta.context_lens[i], meta.query_starts[i], meta.block_tables[i]) for i in pre]
+        return ReferencePrepared(rows, blocks, lens, [prefill_bucket([chunks[j] for j in b], bs, dev) for b in buckets], bs)
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 prepared: ReferencePrepared, scale: float) -> torch.Tensor:
@@ -304,23 +340,6 @@ class ReferenceAttention:
             o, _ = attend(qd, k, v, p.decode_lens[None, :, None], scale, need_lse=False, kernels=self.kernels)
             out[p.decode_rows] = o.transpose(0, 1).reshape(b, heads, d)
         for bucket in p.prefills:
-            b, qmax = bucket.rows.shape
-            tmax = bucket.tmax
-            k = gather_kv(k_cache, bucket.blocks, p.block_size)[:, :, :tmax].transpose(0, 1)  # [B, kvh, T, d]
-            v = gather_kv(v_cache, bucket.blocks, p.block_size)[:, :, :tmax].transpose(0, 1)
-            qb = q[bucket.rows]  # [B, Qmax, H, d]
-            if kernel_path(qb, self.kernels):
-                o, _ = attend_queries(qb, k, v, bucket.limits, scale, need_lse=False, kernels=self.kernels)
-            else:
-                # NOTE: SDPA's blocked kernel for prefill chunks: ~3x faster here than a padded
-                # PyTorch matmul + softmax, and it never materialises the [B, H, Qmax, T] scores.
-                qb, k, v = qb.transpose(1, 2), k.contiguous(), v.contiguous()
-                if bucket.fresh:
-                    o = F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=scale, enable_gqa=g > 1)
-                else:
-                    o = F.scaled_dot_product_attention(qb, k, v, attn_mask=bucket.bias(q.dtype), scale=scale,
-                                                       enable_gqa=g > 1)
-                o = o.transpose(1, 2)
-            o = o.reshape(b * qmax, heads, d)
-            out[bucket.rows.flatten()[bucket.valid_rows]] = o[bucket.valid_rows]
+            o, _ = attend_bucket(q, k_cache, v_cache, bucket, p.block_size, scale, self.kernels, need_lse=False)
+            out[bucket.rows.flatten()[bucket.valid_rows]] = o
         return out
