@@ -299,12 +299,31 @@ def test_min_tokens(llm: LLM, full_greedy: list[list[int]]) -> None:
         min_tokens = full.index(t) + 3
         out = llm.generate(prompt, greedy(stop_token_ids=[t], min_tokens=min_tokens), use_tqdm=False)[0].outputs[0]
         assert len(out.token_ids) >= min_tokens
+        assert t not in out.token_ids[:min_tokens]  # banned until min_tokens, as vLLM and transformers do
         if out.finish_reason == "stop":
             assert out.token_ids[-1] == t and out.stop_reason == t
         else:
             assert len(out.token_ids) == NEW_TOKENS
         out = llm.generate(prompt, greedy(stop_token_ids=[t], min_tokens=NEW_TOKENS), use_tqdm=False)[0].outputs[0]
         assert len(out.token_ids) == NEW_TOKENS and out.finish_reason == "length"
+
+
+def test_min_tokens_bans_eos_and_stop_ids_in_the_sampler() -> None:
+    from batchllm.executor.sampler import Sampler
+    from batchllm.sequence import Sequence
+
+    logits = torch.zeros(4, 10)
+    logits[:, 7], logits[:, 3], logits[:, 5] = 3.0, 2.0, 1.0  # 7 (EOS) best, then 3 (a stop id), then 5
+    params = [SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[3]),  # both banned
+              SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[3], ignore_eos=True),  # EOS allowed
+              SamplingParams(temperature=0, min_tokens=1, stop_token_ids=[3]),  # min_tokens reached below
+              SamplingParams(temperature=0, stop_token_ids=[3])]
+    seqs = [Sequence(i, i, 0, [1, 2], 2, p) for i, p in enumerate(params)]
+    seqs[2].token_ids.append(4)  # one output token already
+    with torch.inference_mode():
+        out = logits.clone()  # the model's logits are inference tensors; the sampler must not write them
+    assert Sampler()(out, seqs, [7]).token_ids == [5, 7, 7, 7]
+    assert torch.equal(out, logits)
 
 
 # ---- logprobs --------------------------------------------------------------------------------

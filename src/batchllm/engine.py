@@ -17,7 +17,6 @@ from batchllm.models.loader import DTYPES, load_model, read_config
 from batchllm.outputs import RunStats
 from batchllm.planner import Plan
 from batchllm.scheduler.policies import make_scheduler
-from batchllm.scheduler.scheduler import Scheduler
 from batchllm.sequence import Sequence, SequenceStatus
 from batchllm.tokenizer import Tokenizer
 from batchllm.attention.select import make_backend
@@ -88,7 +87,7 @@ class Engine:
             for seq, n in zip(out.seqs, out.num_tokens):
                 seq.num_computed_tokens += n
             sched.after_step(out)
-            result = self.sampler(logits, [out.seqs[i] for i in row_seqs]) if row_seqs else None
+            result = self.sampler(logits, [out.seqs[i] for i in row_seqs], self.eos_token_ids) if row_seqs else None
             for j, i in enumerate(row_seqs):
                 seq = out.seqs[i]
                 self._append(seq, result.token_ids[j], result.logprobs[j], result.top_logprobs[j])

@@ -38,8 +38,9 @@ class Sampler:
     def __init__(self, kernels: CpuKernels | None = None) -> None:
         self.kernels = kernels
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: list[int] | None = None) -> SampleResult:
         b = logits.shape[0]
+        logits = self._ban_early_stops(logits, seqs, eos_token_ids or [])
         greedy = torch.tensor([s.params.greedy for s in seqs], dtype=torch.bool)
         if self.kernels is not None and self.kernels.handles(logits):
             tokens = self.kernels.argmax(logits)
@@ -70,6 +71,24 @@ class Sampler:
                 d[t] = float(logp[j, t])
                 lps[i], tops[i] = d[t], d
         return SampleResult(token_list, lps, tops)
+
+    @staticmethod
+    def _ban_early_stops(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: list[int]) -> torch.Tensor:
+        """`min_tokens`: until a sequence has that many output tokens, its stop token ids (and EOS
+        unless `ignore_eos`) cannot be sampled, as in vLLM and transformers. Returns the logits,
+        copied only when a row is changed (the model's output is an inference tensor)."""
+        banned = []
+        for i, s in enumerate(seqs):
+            p = s.params
+            if s.num_output_tokens < p.min_tokens:
+                ids = [*p.stop_token_ids, *([] if p.ignore_eos else eos_token_ids)]
+                banned += [(i, t) for t in ids if 0 <= t < logits.shape[-1]]
+        if not banned:
+            return logits
+        logits = logits.clone()
+        rows, cols = zip(*banned)
+        logits[list(rows), list(cols)] = float("-inf")
+        return logits
 
     @staticmethod
     def _filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
