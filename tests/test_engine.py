@@ -480,3 +480,13 @@ def test_cpu_kernels_follow_the_switch(llama_dir: Path) -> None:
 
     assert kernels(LLM(llama_dir, num_kv_blocks=8, cpu_kernels=False)) == [None, None]
     assert kernels(LLM(llama_dir, num_kv_blocks=8)) == [load_cpu_kernels()] * 2
+    assert kernels(LLM(llama_dir, num_kv_blocks=8, dtype="float16")) == [None, None]  # a dtype they do not take
+
+
+def test_float16_runs_the_prefix_shared_path(llama_dir: Path) -> None:
+    """float16 has no C kernels: group members' decodes take the PyTorch shared path."""
+    llm = LLM(llama_dir, dtype="float16", attention="prefix-shared", num_kv_blocks=64)
+    prefix = list(range(10, 60))
+    outs = llm.generate([prefix + [70 + i, 80 + i] for i in range(6)], SamplingParams(temperature=0, max_tokens=4),
+                        use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [4] * 6

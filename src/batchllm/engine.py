@@ -12,7 +12,7 @@ from batchllm.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig
 from batchllm.executor.malloc import keep_heap
 from batchllm.executor.runner import ModelRunner
 from batchllm.executor.sampler import Sampler
-from batchllm.kernels.cpu import load_cpu_kernels
+from batchllm.kernels.cpu import DTYPES as KERNEL_DTYPES, load_cpu_kernels
 from batchllm.models.loader import DTYPES, load_model, read_config
 from batchllm.outputs import RunStats
 from batchllm.planner import Plan
@@ -54,7 +54,10 @@ class Engine:
                                  f"tokens ({per_token} bytes per token)")
         self.kv_bytes_per_token = per_token
         model = load_model(path, mc, self.dtype, self.device, self.max_model_len, pack_weights=config.cpu_kernels)
-        kernels = load_cpu_kernels() if config.cpu_kernels and self.device.type == "cpu" else None
+        # NOTE: only for the dtypes the kernels take (float16 runs all PyTorch), so every component
+        # handed `kernels` may use them for the whole run.
+        use_kernels = config.cpu_kernels and self.device.type == "cpu" and self.dtype in KERNEL_DTYPES
+        kernels = load_cpu_kernels() if use_kernels else None
         self.runner = ModelRunner(model, self.num_blocks, config.block_size, self.dtype, self.device,
                                   make_backend(config.attention, kernels))
         self.sampler = Sampler(kernels)
