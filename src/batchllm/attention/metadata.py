@@ -38,13 +38,18 @@ class AttentionMetadata:
 
     def padded_block_table(self, seq_indices: list[int], num_blocks: int | None = None) -> torch.Tensor:
         """Block tables of `seq_indices` as a [len, max_blocks] long tensor padded with the null block 0."""
-        rows = [self.block_tables[i] for i in seq_indices]
-        width = num_blocks if num_blocks is not None else max((len(r) for r in rows), default=0)
-        out = torch.zeros(len(rows), width, dtype=torch.long)
-        for j, r in enumerate(rows):
-            if r:
-                out[j, : len(r)] = torch.tensor(r[:width], dtype=torch.long)
-        return out.to(self.device)
+        return pad_rows([self.block_tables[i] for i in seq_indices], self.device, num_blocks)
+
+
+def pad_rows(rows: list[list[int]], dev: torch.device, width: int | None = None) -> torch.Tensor:
+    """[len(rows), width] long tensor of `rows`, cut to `width` (None: the longest) and padded
+    with 0 (the null block / a harmless flat row)."""
+    width = width if width is not None else max((len(r) for r in rows), default=0)
+    out = torch.zeros(len(rows), width, dtype=torch.long)
+    for j, r in enumerate(rows):
+        if r:
+            out[j, : min(len(r), width)] = torch.tensor(r[:width], dtype=torch.long)
+    return out.to(dev)
 
 
 def build_metadata(

@@ -8,9 +8,9 @@ from typing import Any, Literal
 
 import torch
 
-from batchllm.attention.metadata import AttentionMetadata
+from batchllm.attention.metadata import AttentionMetadata, pad_rows
 from batchllm.attention.reference import (PrefillBucket, ReferenceAttention, attend, attend_bucket, bucket_prefills,
-                                         gather_kv, prefill_bucket)
+                                         gather_kv, kernel_path, prefill_bucket)
 from batchllm.kernels.cpu import CpuKernels
 
 Mode = Literal["auto", "prefix-shared", "reference"]
@@ -127,14 +127,6 @@ def _bucketize(items: list[tuple[int, int, Any]]) -> list[list[tuple[int, int, A
     return buckets
 
 
-def _pad(rows: list[list[int]], dev: torch.device) -> torch.Tensor:
-    """[len(rows), longest] long tensor, padded with 0 (the null block / a harmless row)."""
-    out = torch.zeros(len(rows), max((len(r) for r in rows), default=0), dtype=torch.long)
-    for j, r in enumerate(rows):
-        out[j, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out.to(dev)
-
-
 def _limits(lens: list[int], width: int, dev: torch.device) -> torch.Tensor | None:
     """[1, B, 1] key limits (`lens`) for [kvh, B, rows, width] scores; None when nothing is padded."""
     if all(n == width for n in lens):
@@ -195,7 +187,7 @@ class PrefixSharedAttention:
             src = [j * width + r for j, t in enumerate(b) for r in range(t[0])]
             dst = [r for t in b for r in t[2][1]]
             buckets.append(GroupBucket(
-                _pad([t[2][1] for t in b], dev), _pad([list(t[2][0]) for t in b], dev),
+                pad_rows([t[2][1] for t in b], dev), pad_rows([list(t[2][0]) for t in b], dev),
                 _limits([t[1] * bs for t in b], max(t[1] for t in b) * bs, dev),
                 None if len(src) == len(b) * width else torch.tensor(src, device=dev),
                 None if dst == everything else torch.tensor(dst, device=dev)))
@@ -205,7 +197,7 @@ class PrefixSharedAttention:
         own_lens = [meta.context_lens[i] - shared[i] for i in range(meta.num_seqs)]
         c_seqs = {i for _, m in in_c for i in m}
         decode = [i for i, q in enumerate(meta.query_lens) if q == 1 and i not in c_seqs]
-        dblocks = _pad([own_blocks[i] for i in decode], dev)
+        dblocks = pad_rows([own_blocks[i] for i in decode], dev)
         dlimits = _limits([own_lens[i] for i in decode], dblocks.shape[1] * bs, dev)
         pieces = []  # (q_len, own ctx_len, first flat row, own blocks) of each own prefill piece
         for i, n in enumerate(meta.query_lens):
@@ -228,9 +220,9 @@ class PrefixSharedAttention:
             crows = [meta.query_starts[i] for i in seqs]
             gd = GroupDecodes(None if crows == everything else torch.tensor(crows, device=dev),
                               torch.tensor([0, *itertools.accumulate(len(m) for _, m in in_c)], device=dev),
-                              _pad([list(b) for b, _ in in_c], dev),
+                              pad_rows([list(b) for b, _ in in_c], dev),
                               torch.tensor([len(b) * bs for b, _ in in_c], device=dev),
-                              _pad([own_blocks[i] for i in seqs], dev), torch.tensor([own_lens[i] for i in seqs], device=dev))
+                              pad_rows([own_blocks[i] for i in seqs], dev), torch.tensor([own_lens[i] for i in seqs], device=dev))
         return PrefixSharedPrepared(buckets, drows_t, len(decode), dblocks, dlens, dlimits, prefills, bs, gd)
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -285,7 +277,8 @@ class PrefixSharedAttention:
     def _decode_own(qd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p: PrefixSharedPrepared,
                     scale: float, kernels: CpuKernels | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Own-part attention of the decode queries `qd` [Bd, H, d] -> ([Bd, H, d], lse [Bd, H])."""
-        if kernels is not None and kernels.handles(qd):
+        if kernel_path(qd, kernels):
+            assert kernels is not None
             o, lse = kernels.paged_decode(qd, k_cache, v_cache, p.decode_blocks, p.decode_lens, p.block_size, scale)
             assert lse is not None
             return o, lse

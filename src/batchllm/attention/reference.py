@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from batchllm.attention.metadata import AttentionMetadata
+from batchllm.attention.metadata import AttentionMetadata, pad_rows
 from batchllm.kernels.cpu import CpuKernels
 
 
@@ -261,12 +261,8 @@ def prefill_bucket(chunks: list[tuple[int, int, int, list[int]]], block_size: in
     valid_rows = offs < q[:, None]
     rows = starts[:, None] + torch.minimum(offs, q[:, None] - 1)
     qpos = ctx[:, None] - q[:, None] + torch.minimum(offs, q[:, None] - 1)  # [B, Qmax]
-    nb = -(-tmax // block_size)
-    tables = torch.zeros(len(chunks), nb, dtype=torch.long)
-    for j, c in enumerate(chunks):
-        used = c[3][:nb]
-        tables[j, : len(used)] = torch.tensor(used, dtype=torch.long)
-    return PrefillBucket(rows, valid_rows.flatten(), tables.to(dev), tmax, qpos + 1, bool((q == ctx).all()))
+    tables = pad_rows([c[3] for c in chunks], dev, -(-tmax // block_size))
+    return PrefillBucket(rows, valid_rows.flatten(), tables, tmax, qpos + 1, bool((q == ctx).all()))
 
 
 def attend_bucket(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bucket: PrefillBucket,
@@ -329,7 +325,8 @@ class ReferenceAttention:
         kvh = k_cache.shape[0]
         g = heads // kvh
         p = prepared
-        if p.decode_rows.numel() and self.kernels is not None and self.kernels.handles(q):
+        if p.decode_rows.numel() and kernel_path(q, self.kernels):
+            assert self.kernels is not None
             out[p.decode_rows], _ = self.kernels.paged_decode(q[p.decode_rows], k_cache, v_cache, p.decode_blocks,
                                                               p.decode_lens, p.block_size, scale, need_lse=False)
         elif p.decode_rows.numel():

@@ -33,5 +33,20 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; inputs a
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
+/* x[0 .. n-1] becomes exp(x - max) in place; returns the max, *sum gets the sum. The shared first
+ * half of a softmax (softmax.c normalizes at once, decode.c after the value pass). */
+static inline float exp_row(float *x, int64_t n, float *sum) {
+    float m = -INFINITY, s = 0.0f;
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < n; j++) m = x[j] > m ? x[j] : m;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < n; j++) {
+        x[j] = exp_nonpos(x[j] - m);
+        s += x[j];
+    }
+    *sum = s;
+    return m;
+}
+
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 #endif

@@ -122,7 +122,6 @@ class CpuKernels:
                               out.data_ptr(), None if lse is None else lse.data_ptr(), work.data_ptr(), threads)
         return out, lse
 
-
     def shared_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, offsets: torch.Tensor,
                       prefix_tables: torch.Tensor, prefix_lens: torch.Tensor, own_tables: torch.Tensor,
                       own_lens: torch.Tensor, block_size: int, scale: float, members_per_task: int) -> torch.Tensor:

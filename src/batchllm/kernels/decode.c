@@ -32,18 +32,7 @@ static inline float load_elem(const void *p, int64_t i, int is_bf16) {
 
 /* Rows r < R of scores (row stride `stride`, n keys) become exp(s - max); mx[r], sum[r] kept. */
 static void exp_rows(float *scores, int64_t R, int64_t n, int64_t stride, float *mx, float *sum) {
-    for (int64_t r = 0; r < R; r++) {
-        float *sr = scores + r * stride, m = -INFINITY, s = 0.0f;
-#pragma omp simd reduction(max : m)
-        for (int64_t t = 0; t < n; t++) m = sr[t] > m ? sr[t] : m;
-#pragma omp simd reduction(+ : s)
-        for (int64_t t = 0; t < n; t++) {
-            sr[t] = exp_nonpos(sr[t] - m);
-            s += sr[t];
-        }
-        mx[r] = m;
-        sum[r] = s;
-    }
+    for (int64_t r = 0; r < R; r++) mx[r] = exp_row(scores + r * stride, n, &sum[r]);
 }
 
 /* res rows (d floats) divided by their sums; lse = max + log(sum), or -inf with res 0 when n = 0. */

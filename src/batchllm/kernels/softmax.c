@@ -9,16 +9,9 @@
 
 /* Softmax of buf[0 .. n-1] (float, already scaled) in place; returns its log-sum-exp. */
 static float softmax_row(float *buf, int64_t n) {
-    float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < n; j++) m = buf[j] > m ? buf[j] : m;
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < n; j++) {
-        buf[j] = exp_nonpos(buf[j] - m);
-        s += buf[j];
-    }
-    float inv = 1.0f / s;
+    float s;
+    const float m = exp_row(buf, n, &s);
+    const float inv = 1.0f / s;
     for (int64_t j = 0; j < n; j++) buf[j] *= inv;
     return m + logf(s);
 }
