@@ -24,9 +24,10 @@ Mode = Literal["auto", "prefix-shared", "reference"]
 #   (G=8 m=2 L=1000, 7,936 saved: bf16 1.08x, fp32 0.82x; G=4 m=4 L=1000, 11,904: 1.23x / 1.09x).
 MIN_SAVED_TOKENS = 12288
 # - with the C kernels, grouped decodes are one C call (shared_decode) against one C call per
-#   sequence (paged_decode); the shared path only loses where nearly nothing is shared:
-#   bf16 L=64: 1.23 1.22 1.33 1.59 1.53 1.48; L=1000: 0.90 1.03 1.22 1.44 1.42 1.44
-#   fp32 L=64: 1.24 1.26 1.40 1.61 1.52 1.50; L=1000: 0.78 0.91 1.11 1.27 1.28 1.27
+#   sequence (paged_decode); the shared path only loses where nearly nothing is shared
+#   (re-measured after both kernels got faster; unchanged threshold):
+#   bf16 L=64: 1.24 1.21 1.20 1.26 1.25 1.18; L=1000: 0.98 1.03 1.10 1.29 1.24 1.23
+#   fp32 L=64: 1.30 1.28 1.30 1.36 1.33 1.31; L=1000: 1.13 1.21 1.33 1.47 1.44 1.49
 # The gain is bounded by compute, not memory: a group's prefix pass does the same multiply-adds
 # as the members' per-sequence passes (at 4 query heads per KV head that is ~4 FLOP per KV byte,
 # near this CPU's ~11 FLOP/byte balance), so skipping the repeated KV reads saves ~1.5x at most
