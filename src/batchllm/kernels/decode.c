@@ -132,8 +132,8 @@ void paged_decode(const void *q, const void *k_cache, const void *v_cache, int64
 /* Floats of work per thread that shared_decode needs (see there). */
 int64_t shared_decode_work(int64_t H, int64_t kvh, int64_t d, int64_t mt, int64_t pmax, int64_t omax) {
     const int64_t g = H / kvh, R = (mt * g + 3) / 4 * 4, pn = (pmax + 15) / 16 * 16;
-    /* packed K and V (as floats: bf16 takes half), prefix scores and bf16 probabilities, own scores */
-    const int64_t n = 2 * pn * d + R * pn + R * pn / 2 + g * (omax > 0 ? omax : 1) + 64;
+    /* packed K (as floats: bf16 takes half), prefix scores, own scores */
+    const int64_t n = pn * d + R * pn + g * (omax > 0 ? omax : 1) + 64;
     return (n + 15) / 16 * 16; /* keeps every thread's part 64-byte aligned */
 }
 

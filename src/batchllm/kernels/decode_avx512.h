@@ -12,18 +12,20 @@
  * widening V to float and no conversions (paged_decode, 64 sequences x 1,100 keys, warm caches:
  * 1.0 -> 0.70 ms).
  *
- * rows_packed: many query rows (a group's members) over a shared prefix. The prefix K and V are
- * first repacked into the layouts of a matrix product (16 keys side by side, by 16 x 16 register
- * transposes; bf16 V as pairs of adjacent keys), so each score and value update is a broadcast
- * times a packed vector: ~2 instructions per (row, key) instead of ~7 for rows_dot, paid for by
- * one repack per task. Scores go 4 rows x 64 keys per step: each broadcast query word serves 4
- * products and 16 independent accumulators hide the dot product's latency.
+ * rows_packed: many query rows (a group's members) over a shared prefix. The prefix K is first
+ * repacked into the layout of a matrix product (16 keys side by side, by 16 x 16 register
+ * transposes), so each score update is a broadcast times a packed vector, with no horizontal
+ * reductions, paid for by one repack per task. Scores go 4 rows x 64 keys per step: each
+ * broadcast query word serves 4 products and 16 independent accumulators hide the dot product's
+ * latency. The value pass is rows_dot's (in bf16, pairing V rows on the fly measured as fast as
+ * repacking V once per task).
  * NOTE: measured per phase with the time-stamp counter in the engine (micro workload, bf16), a
- * group decode's cycles split: scores 21%, values 18%, members' own parts 31%, K and V packing
- * 18%, exp 8%, bf16 probabilities 2%. The packing and the own parts mostly wait on memory (each
- * layer's KV is evicted by the other layers and the weights before the next step: a call's first
- * run takes 2.6x a repeat there); software prefetch of the next block was tried and gained
- * nothing. Over the whole micro run these kernels cut group-decode cycles by 16%.
+ * group decode's cycles split (while V was still repacked per task): scores 21%, values 18%,
+ * members' own parts 31%, K packing 11%, V packing 7%, exp 8%, bf16 probabilities 2%. The
+ * packing and the own parts mostly wait on memory (each layer's KV is evicted by the other layers
+ * and the weights before the next step: a call's first run takes 2.6x a repeat there); software
+ * prefetch of the next block was tried and gained nothing. Over the whole micro run these kernels
+ * cut group-decode cycles by 16%.
  */
 #include <immintrin.h>
 
@@ -45,29 +47,19 @@ static inline __m512 sum16(const __m512 p[16]) {
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), d);
 }
 
-/* Floats c*16 .. c*16+15 of a float32 or bfloat16 row. */
-ALWAYS_INLINE __m512 load16(const char *row, int64_t c, const int is_bf16) {
-    if (!is_bf16) return _mm512_loadu_ps((const float *)row + 16 * c);
-    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)row + c));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-}
-
-/* Value pass of rows r0 .. r0+HP-1 over V in the pool: res[r] = sum_t p[r][t] * v[t], p = scores
- * rows (stride `stride`). */
+/* float32 value pass of rows r0 .. r0+HP-1 over V in the pool: res[r] = sum_t p[r][t] * v[t],
+ * p = scores rows (stride `stride`). */
 ALWAYS_INLINE void values_tile(const Pool *pl, int64_t kh, const int64_t *bt, int64_t n, const int64_t D,
-                               const int is_bf16, const int HP, int64_t r0, const float *scores, int64_t stride,
-                               float *res) {
-    const int64_t esize = is_bf16 ? 2 : 4;
+                               const int HP, int64_t r0, const float *scores, int64_t stride, float *res) {
     __m512 acc[HP][D / 16];
     for (int h = 0; h < HP; h++)
         for (int64_t c = 0; c < D / 16; c++) acc[h][c] = _mm512_setzero_ps();
     for (int64_t t0 = 0; t0 < n; t0 += pl->bs) {
-        const char *blk = block_start(pl->v, pl, kh, bt, t0, D, esize);
+        const float *blk = (const float *)block_start(pl->v, pl, kh, bt, t0, D, 4);
         const int64_t cnt = n - t0 < pl->bs ? n - t0 : pl->bs;
         for (int64_t j = 0; j < cnt; j++) {
-            const char *row = blk + j * D * esize;
             for (int64_t c = 0; c < D / 16; c++) {
-                const __m512 v = load16(row, c, is_bf16);
+                const __m512 v = _mm512_loadu_ps(blk + j * D + 16 * c);
                 for (int h = 0; h < HP; h++)
                     acc[h][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[(r0 + h) * stride + t0 + j]), v, acc[h][c]);
             }
@@ -77,18 +69,20 @@ ALWAYS_INLINE void values_tile(const Pool *pl, int64_t kh, const int64_t *bt, in
         for (int64_t c = 0; c < D / 16; c++) _mm512_storeu_ps(res + (r0 + h) * D + 16 * c, acc[h][c]);
 }
 
-/* The value pass of R rows in tiles whose accumulators fit in 16 of the 32 vector registers. */
+/* The float32 value pass of R rows in tiles whose accumulators fit in 16 of the 32 vector
+ * registers. */
 ALWAYS_INLINE void values_rows(const Pool *pl, int64_t kh, const int64_t *bt, int64_t n, const int64_t D,
-                               const int is_bf16, int64_t R, const float *scores, int64_t stride, float *res) {
+                               int64_t R, const float *scores, int64_t stride, float *res) {
     int64_t r0 = 0;
     if (D <= 64)
-        for (; r0 + 4 <= R; r0 += 4) values_tile(pl, kh, bt, n, D, is_bf16, 4, r0, scores, stride, res);
-    for (; r0 + 2 <= R; r0 += 2) values_tile(pl, kh, bt, n, D, is_bf16, 2, r0, scores, stride, res);
-    for (; r0 < R; r0++) values_tile(pl, kh, bt, n, D, is_bf16, 1, r0, scores, stride, res);
+        for (; r0 + 4 <= R; r0 += 4) values_tile(pl, kh, bt, n, D, 4, r0, scores, stride, res);
+    for (; r0 + 2 <= R; r0 += 2) values_tile(pl, kh, bt, n, D, 2, r0, scores, stride, res);
+    for (; r0 < R; r0++) values_tile(pl, kh, bt, n, D, 1, r0, scores, stride, res);
 }
 
-/* Columns 0..31 in order from the (low, high) accumulators of one 32-column group of pack_v_pairs:
- * lane j of the low one is column 8*(j/4) + j%4, of the high one that + 4. */
+/* Columns 0..31 in order from the (low, high) accumulators of one 32-column group of
+ * values_pairs_tile (the 16-bit interleave of two value rows, low half and high half): lane j of
+ * the low one is column 8*(j/4) + j%4, of the high one that + 4. */
 static inline void unpair32(__m512 lo, __m512 hi, float *dst) {
     const __m512i i0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
     const __m512i i1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
@@ -99,7 +93,7 @@ static inline void unpair32(__m512 lo, __m512 hi, float *dst) {
 /* bf16 value pass of rows r0 .. r0+HP-1 straight from the pool: p16 holds the probabilities as
  * bf16 (row stride `stride`, 0 from key n on), and each bf16 dot product takes a pair of adjacent
  * keys of a block (the 16-bit interleave of their value rows; an odd block's last key pairs with
- * 0). Accumulators are in pack_v_pairs' column order, undone by unpair32. */
+ * 0). Accumulators are in unpair32's column order. */
 ALWAYS_INLINE void values_pairs_tile(const Pool *pl, int64_t kh, const int64_t *bt, int64_t n, const int64_t D,
                                      const int HP, int64_t r0, const uint16_t *p16, int64_t stride, float *res) {
     __m512 acc[4][8];
@@ -132,12 +126,12 @@ ALWAYS_INLINE void values_pairs_tile(const Pool *pl, int64_t kh, const int64_t *
         for (int64_t c = 0; c < D / 32; c++) unpair32(acc[h][2 * c], acc[h][2 * c + 1], res + (r0 + h) * D + 32 * c);
 }
 
-/* Score rows (float, stride n, after exp_rows) as bf16 in place at the start of each row, then the
- * bf16 value pass of all R rows. */
+/* Score rows (float, row stride `stride`, after exp_rows) as bf16 in place at the start of each
+ * row (round to nearest even), then the bf16 value pass of all R rows. */
 ALWAYS_INLINE void values_rows_bf16(const Pool *pl, int64_t kh, const int64_t *bt, int64_t n, const int64_t D,
-                                    int64_t R, float *scores, float *res) {
+                                    int64_t R, float *scores, int64_t stride, float *res) {
     for (int64_t r = 0; r < R; r++) { /* each vector is loaded before the narrower store reaches it */
-        float *row = scores + r * n;
+        float *row = scores + r * stride;
         for (int64_t t = 0; t < n; t += 16) {
             const __mmask16 real = t + 16 <= n ? 0xFFFF : (__mmask16)((1u << (n - t)) - 1u);
             const __m256i b = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(real, row + t));
@@ -146,8 +140,8 @@ ALWAYS_INLINE void values_rows_bf16(const Pool *pl, int64_t kh, const int64_t *b
     }
     const int HP = D == 64 ? 4 : 2; /* 16 accumulators */
     int64_t r0 = 0;
-    for (; r0 + HP <= R; r0 += HP) values_pairs_tile(pl, kh, bt, n, D, HP, r0, (const uint16_t *)scores, 2 * n, res);
-    for (; r0 < R; r0++) values_pairs_tile(pl, kh, bt, n, D, 1, r0, (const uint16_t *)scores, 2 * n, res);
+    for (; r0 + HP <= R; r0 += HP) values_pairs_tile(pl, kh, bt, n, D, HP, r0, (const uint16_t *)scores, 2 * stride, res);
+    for (; r0 < R; r0++) values_pairs_tile(pl, kh, bt, n, D, 1, r0, (const uint16_t *)scores, 2 * stride, res);
 }
 
 /* rows_portable's contract; scores holds R * n floats. */
@@ -159,7 +153,8 @@ ALWAYS_INLINE void rows_dot(const char *const *qrows, int64_t R, const Pool *pl,
         __m512i qb[D / 32];
         __m512 qf[D / 16];
         for (int64_t c = 0; c < D / 32; c++) qb[c] = _mm512_loadu_si512((const __m512i *)qrows[r] + c);
-        for (int64_t c = 0; c < D / 16; c++) qf[c] = is_bf16 ? _mm512_setzero_ps() : load16(qrows[r], c, 0);
+        for (int64_t c = 0; c < D / 16; c++)
+            qf[c] = is_bf16 ? _mm512_setzero_ps() : _mm512_loadu_ps((const float *)qrows[r] + 16 * c);
         for (int64_t t0 = 0; t0 < n; t0 += pl->bs) {
             const char *blk = block_start(pl->k, pl, kh, bt, t0, D, esize);
             const int64_t end = n - t0 < pl->bs ? n - t0 : pl->bs;
@@ -173,7 +168,7 @@ ALWAYS_INLINE void rows_dot(const char *const *qrows, int64_t R, const Pool *pl,
                         for (int64_t c = 0; c < D / 32; c++)
                             s = _mm512_dpbf16_ps(s, (__m512bh)qb[c], (__m512bh)_mm512_loadu_si512((const __m512i *)row + c));
                     else if (j < cnt)
-                        for (int64_t c = 0; c < D / 16; c++) s = _mm512_fmadd_ps(qf[c], load16(row, c, 0), s);
+                        for (int64_t c = 0; c < D / 16; c++) s = _mm512_fmadd_ps(qf[c], _mm512_loadu_ps((const float *)row + 16 * c), s);
                     p[j] = s;
                 }
                 _mm512_mask_storeu_ps(scores + r * n + t0 + j0, (__mmask16)((1u << cnt) - 1u),
@@ -184,9 +179,9 @@ ALWAYS_INLINE void rows_dot(const char *const *qrows, int64_t R, const Pool *pl,
     float mx[R], sum[R];
     exp_rows(scores, R, n, n, mx, sum);
     if (is_bf16) /* probabilities as bf16, as the reference's bf16 matmul takes them */
-        values_rows_bf16(pl, kh, bt, n, D, R, scores, res);
+        values_rows_bf16(pl, kh, bt, n, D, R, scores, n, res);
     else
-        values_rows(pl, kh, bt, n, D, 0, R, scores, n, res);
+        values_rows(pl, kh, bt, n, D, R, scores, n, res);
     finish_rows(res, R, D, n, mx, sum, lse);
 }
 
@@ -233,24 +228,6 @@ ALWAYS_INLINE void pack_k(const Pool *pl, int64_t kh, const int64_t *bt, int64_t
     }
 }
 
-/* bf16 V of keys 0..n-1 as pairs of adjacent keys: for pair t/2 and each 32 columns, the
- * 16-bit interleave of rows t and t+1 (low half, then high half; a row past n is 0). Column order
- * within the 32 is permuted; unpair32 undoes it. */
-ALWAYS_INLINE void pack_v_pairs(const Pool *pl, int64_t kh, const int64_t *bt, int64_t n, const int64_t D,
-                                __m512i *vp) {
-    for (int64_t t = 0; t < n; t += 2) {
-        const char *a = key_row(pl->v, pl, kh, bt, t, D, 2);
-        const char *b = t + 1 < n ? key_row(pl->v, pl, kh, bt, t + 1, D, 2) : NULL;
-        for (int64_t c = 0; c < D / 32; c++) {
-            const __m512i x = _mm512_loadu_si512((const __m512i *)a + c);
-            const __m512i y = b ? _mm512_loadu_si512((const __m512i *)b + c) : _mm512_setzero_si512();
-            vp[(t / 2) * (D / 16) + 2 * c] = _mm512_unpacklo_epi16(x, y);
-            vp[(t / 2) * (D / 16) + 2 * c + 1] = _mm512_unpackhi_epi16(x, y);
-        }
-    }
-}
-
-
 /* Scores of rows 0 .. R4-1 (a multiple of 4) over keys c0 .. c0+16*KC-1 of the packed K, into
  * scores rows (stride pn): per step 4 rows x KC chunks of 16 keys, so each broadcast query word
  * serves KC products and each K vector 4 rows (4*KC independent accumulator chains). */
@@ -287,41 +264,16 @@ ALWAYS_INLINE void rows_packed(const char *const *qrows, int64_t R, const Pool *
                                float *lse) {
     const int64_t W = is_bf16 ? D / 2 : D, pn = (n + 15) / 16 * 16, R4 = (R + 3) / 4 * 4;
     uint32_t *kp = (uint32_t *)w;
-    __m512i *vp = (__m512i *)(w + pn * D); /* bf16 only: pn / 2 pairs x D / 16 vectors */
-    float *scores = w + 2 * pn * D;
-    uint16_t *p16 = (uint16_t *)(scores + R4 * pn);
+    float *scores = w + pn * D;
     pack_k(pl, kh, bt, n, D, is_bf16, kp);
     int64_t c0 = 0; /* scores: 4 rows x 64 keys per step, then 4 rows x 16 keys */
     for (; c0 + 64 <= pn; c0 += 64) scores_tile(qrows, R4, kp, c0, pn, W, scale, is_bf16, 4, scores);
     for (; c0 < pn; c0 += 16) scores_tile(qrows, R4, kp, c0, pn, W, scale, is_bf16, 1, scores);
     float mx[R], sum[R];
     exp_rows(scores, R, n, pn, mx, sum);
-    if (!is_bf16) {
-        values_rows(pl, kh, bt, n, D, 0, R, scores, pn, res);
-    } else { /* probabilities as bf16 (as the reference's bf16 matmul takes them), pairs of keys */
-        pack_v_pairs(pl, kh, bt, n, D, vp);
-        for (int64_t r = 0; r < R; r++)
-            for (int64_t t = 0; t < pn; t += 16) { /* round to nearest even; keys past n become 0 */
-                const __mmask16 real = t + 16 <= n ? 0xFFFF : (t < n ? (__mmask16)((1u << (n - t)) - 1u) : 0);
-                const __m512 x = _mm512_maskz_loadu_ps(real, scores + r * pn + t);
-                _mm256_storeu_si256((__m256i *)(p16 + r * pn + t), (__m256i)_mm512_cvtneps_pbh(x));
-            }
-        const int HP = D == 64 ? 4 : 2; /* 16 accumulators */
-        for (int64_t r0 = 0; r0 < R; r0 += HP) {
-            __m512 acc[4][8];
-            for (int h = 0; h < HP; h++)
-                for (int64_t c = 0; c < D / 16; c++) acc[h][c] = _mm512_setzero_ps();
-            for (int64_t t = 0; t < n; t += 2) {
-                const __m512i *v = vp + (t / 2) * (D / 16);
-                for (int h = 0; h < HP; h++) {
-                    const int64_t r = r0 + h < R ? r0 + h : R - 1;
-                    const __m512bh pp = (__m512bh)_mm512_set1_epi32(*(const int32_t *)(p16 + r * pn + t));
-                    for (int64_t c = 0; c < D / 16; c++) acc[h][c] = _mm512_dpbf16_ps(acc[h][c], pp, (__m512bh)v[c]);
-                }
-            }
-            for (int h = 0; h < HP && r0 + h < R; h++)
-                for (int64_t c = 0; c < D / 32; c++) unpair32(acc[h][2 * c], acc[h][2 * c + 1], res + (r0 + h) * D + 32 * c);
-        }
-    }
+    if (is_bf16)
+        values_rows_bf16(pl, kh, bt, n, D, R, scores, pn, res);
+    else
+        values_rows(pl, kh, bt, n, D, R, scores, pn, res);
     finish_rows(res, R, D, n, mx, sum, lse);
 }
