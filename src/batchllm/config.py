@@ -21,6 +21,7 @@ def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "batchllm"
 
+
 DEFAULT_KV_CACHE_MEMORY = 2 * 1024**3  # bytes
 
 

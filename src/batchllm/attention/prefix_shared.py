@@ -9,8 +9,8 @@ from typing import Any, Literal
 import torch
 
 from batchllm.attention.metadata import AttentionMetadata, pad_rows
-from batchllm.attention.reference import (PrefillBucket, ReferenceAttention, attend, attend_bucket, bucket_prefills,
-                                         gather_kv, kernel_path, prefill_bucket)
+from batchllm.attention.reference import (PrefillBucket, ReferenceAttention, attend, attend_bucket, attend_decode,
+                                         bucket_prefills, gather_kv, prefill_bucket)
 from batchllm.kernels.cpu import CpuKernels
 
 Mode = Literal["auto", "prefix-shared", "reference"]
@@ -94,7 +94,6 @@ class PrefixSharedPrepared:
     num_decodes: int
     decode_blocks: torch.Tensor  # [Bd, nb] own-part blocks (from shared_len on)
     decode_lens: torch.Tensor  # [Bd] own KV tokens of each decode query
-    decode_limits: torch.Tensor | None  # [1, Bd, 1] the same as key limits (None: no padding)
     prefills: list[PrefillBucket]  # members' and ungrouped sequences' own prefill pieces, bucketed
     block_size: int
     group_decodes: GroupDecodes | None = None  # with kernels: grouped decode queries, all in C
@@ -199,7 +198,6 @@ class PrefixSharedAttention:
         c_seqs = {i for _, m in in_c for i in m}
         decode = [i for i, q in enumerate(meta.query_lens) if q == 1 and i not in c_seqs]
         dblocks = pad_rows([own_blocks[i] for i in decode], dev)
-        dlimits = _limits([own_lens[i] for i in decode], dblocks.shape[1] * bs, dev)
         pieces = []  # (q_len, own ctx_len, first flat row, own blocks) of each own prefill piece
         for i, n in enumerate(meta.query_lens):
             if n > 1 and own_lens[i] == n:  # fresh own part: one causal piece, not cut
@@ -224,7 +222,7 @@ class PrefixSharedAttention:
                               pad_rows([list(b) for b, _ in in_c], dev),
                               torch.tensor([len(b) * bs for b, _ in in_c], device=dev),
                               pad_rows([own_blocks[i] for i in seqs], dev), torch.tensor([own_lens[i] for i in seqs], device=dev))
-        return PrefixSharedPrepared(buckets, drows_t, len(decode), dblocks, dlens, dlimits, prefills, bs, gd)
+        return PrefixSharedPrepared(buckets, drows_t, len(decode), dblocks, dlens, prefills, bs, gd)
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 prepared: PrefixSharedPrepared, scale: float) -> torch.Tensor:
@@ -238,16 +236,16 @@ class PrefixSharedAttention:
             return self._group_decodes(q, k_cache, v_cache, gd, bs, scale)
         # Own part first, into (o_own, lse_own).
         if p.decode_rows is None:  # decode-only step: no gather/scatter of rows
-            o_own, lse_own = self._decode_own(q, k_cache, v_cache, p, scale, self.kernels)
+            o_own, lse_own = self._decode_own(q, k_cache, v_cache, p, scale)
         else:
             o_own = torch.empty_like(q)
             lse_own = torch.empty(n_tok, heads, dtype=torch.float32, device=q.device)
             if p.num_decodes:
-                o_d, lse_d = self._decode_own(q[p.decode_rows], k_cache, v_cache, p, scale, self.kernels)
-                o_own[p.decode_rows], lse_own[p.decode_rows] = o_d, lse_d
+                o_own[p.decode_rows], lse_own[p.decode_rows] = self._decode_own(q[p.decode_rows], k_cache, v_cache,
+                                                                                p, scale)
         for bucket in p.prefills:
-            rows = bucket.rows.flatten()[bucket.valid_rows]
-            o_own[rows], lse_own[rows] = attend_bucket(q, k_cache, v_cache, bucket, bs, scale, self.kernels, need_lse=True)
+            o_own[bucket.real_rows], lse_own[bucket.real_rows] = attend_bucket(q, k_cache, v_cache, bucket, bs, scale,
+                                                                               self.kernels, need_lse=True)
         # Prefix part: one batched pass per bucket, each group's prefix KV gathered once, then merged
         # into the own part's rows (ungrouped rows keep their own-part result untouched).
         out = o_own
@@ -274,22 +272,13 @@ class PrefixSharedAttention:
         return self.kernels.shared_decode(q, k_cache, v_cache, gd.offsets, gd.prefix_blocks, gd.prefix_lens,
                                           gd.own_blocks, gd.own_lens, bs, scale, SHARED_DECODE_MEMBERS)
 
-    @staticmethod
-    def _decode_own(qd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p: PrefixSharedPrepared,
-                    scale: float, kernels: CpuKernels | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_own(self, qd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p: PrefixSharedPrepared,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Own-part attention of the decode queries `qd` [Bd, H, d] -> ([Bd, H, d], lse [Bd, H])."""
-        if kernel_path(qd, kernels):
-            assert kernels is not None
-            o, lse = kernels.paged_decode(qd, k_cache, v_cache, p.decode_blocks, p.decode_lens, p.block_size, scale)
-            assert lse is not None
-            return o, lse
-        b, heads, d = qd.shape
-        kvh = k_cache.shape[0]
-        k = gather_kv(k_cache, p.decode_blocks, p.block_size)  # [kvh, B, T, d]
-        v = gather_kv(v_cache, p.decode_blocks, p.block_size)
-        o, lse = attend(qd.view(b, kvh, heads // kvh, d).transpose(0, 1), k, v, p.decode_limits, scale,
-                        kernels=kernels)
-        return o.transpose(0, 1).reshape(b, heads, d), lse.transpose(0, 1).reshape(b, heads)
+        o, lse = attend_decode(qd, k_cache, v_cache, p.decode_blocks, p.decode_lens, p.block_size, scale,
+                               self.kernels, need_lse=True)
+        assert lse is not None
+        return o, lse
 
 
 def saved_tokens(meta: AttentionMetadata) -> int:

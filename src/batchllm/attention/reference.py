@@ -28,6 +28,7 @@ class PrefillBucket:
 
     rows: torch.Tensor  # [B, Qmax] flat row of each query (padding repeats a real row)
     valid_rows: torch.Tensor  # [B * Qmax] bool: the padded query slots that are real
+    real_rows: torch.Tensor  # [R] flat rows of the real slots, in order (rows.flatten()[valid_rows])
     blocks: torch.Tensor  # [B, nb] padded block tables
     tmax: int  # keys per sequence after padding
     limits: torch.Tensor  # [B, Qmax] keys each query row attends
@@ -150,6 +151,24 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limits: torch.Tens
     return out, lse
 
 
+def attend_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
+                  lens: torch.Tensor, block_size: int, scale: float, kernels: CpuKernels | None,
+                  need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Decode attention of one query per sequence, q [B, H, d], over keys 0 .. lens[b]-1 of block
+    table blocks[b] in one layer's pool -> (out [B, H, d], lse [B, H] float32 or None). On the
+    kernel path in C (`paged_decode`, no gathered copy); otherwise gather + `attend`."""
+    if kernel_path(q, kernels):
+        assert kernels is not None
+        return kernels.paged_decode(q, k_cache, v_cache, blocks, lens, block_size, scale, need_lse=need_lse)
+    b, heads, d = q.shape
+    kvh = k_cache.shape[0]
+    k = gather_kv(k_cache, blocks, block_size)  # [kvh, B, T, d]
+    v = gather_kv(v_cache, blocks, block_size)
+    o, lse = attend(q.view(b, kvh, heads // kvh, d).transpose(0, 1), k, v, lens[None, :, None], scale, need_lse,
+                    kernels)
+    return o.transpose(0, 1).reshape(b, heads, d), None if lse is None else lse.transpose(0, 1).reshape(b, heads)
+
+
 def _attend_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """`attend` through ATen's CPU flash kernel (a bool mask becomes an additive one)."""
@@ -262,14 +281,15 @@ def prefill_bucket(chunks: list[tuple[int, int, int, list[int]]], block_size: in
     rows = starts[:, None] + torch.minimum(offs, q[:, None] - 1)
     qpos = ctx[:, None] - q[:, None] + torch.minimum(offs, q[:, None] - 1)  # [B, Qmax]
     tables = pad_rows([c[3] for c in chunks], dev, -(-tmax // block_size))
-    return PrefillBucket(rows, valid_rows.flatten(), tables, tmax, qpos + 1, bool((q == ctx).all()))
+    valid_rows = valid_rows.flatten()
+    return PrefillBucket(rows, valid_rows, rows.flatten()[valid_rows], tables, tmax, qpos + 1, bool((q == ctx).all()))
 
 
 def attend_bucket(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bucket: PrefillBucket,
                   block_size: int, scale: float, kernels: CpuKernels | None,
                   need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of a bucket's real query rows over their chunks' KV in the pool -> (out [R, H, d],
-    lse [R, H] or None) for the R rows `bucket.rows.flatten()[bucket.valid_rows]`, in that order."""
+    lse [R, H] or None) for the R rows `bucket.real_rows`, in that order."""
     b, qmax = bucket.rows.shape
     _, heads, d = q.shape
     g = heads // k_cache.shape[0]
@@ -321,22 +341,11 @@ class ReferenceAttention:
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 prepared: ReferencePrepared, scale: float) -> torch.Tensor:
         out = torch.empty_like(q)
-        _, heads, d = q.shape
-        kvh = k_cache.shape[0]
-        g = heads // kvh
         p = prepared
-        if p.decode_rows.numel() and kernel_path(q, self.kernels):
-            assert self.kernels is not None
-            out[p.decode_rows], _ = self.kernels.paged_decode(q[p.decode_rows], k_cache, v_cache, p.decode_blocks,
-                                                              p.decode_lens, p.block_size, scale, need_lse=False)
-        elif p.decode_rows.numel():
-            b = p.decode_rows.numel()
-            qd = q[p.decode_rows].view(b, kvh, g, d).transpose(0, 1)  # [kvh, B, g, d]
-            k = gather_kv(k_cache, p.decode_blocks, p.block_size)  # [kvh, B, T, d]
-            v = gather_kv(v_cache, p.decode_blocks, p.block_size)
-            o, _ = attend(qd, k, v, p.decode_lens[None, :, None], scale, need_lse=False, kernels=self.kernels)
-            out[p.decode_rows] = o.transpose(0, 1).reshape(b, heads, d)
+        if p.decode_rows.numel():
+            out[p.decode_rows], _ = attend_decode(q[p.decode_rows], k_cache, v_cache, p.decode_blocks, p.decode_lens,
+                                                  p.block_size, scale, self.kernels, need_lse=False)
         for bucket in p.prefills:
             o, _ = attend_bucket(q, k_cache, v_cache, bucket, p.block_size, scale, self.kernels, need_lse=False)
-            out[bucket.rows.flatten()[bucket.valid_rows]] = o
+            out[bucket.real_rows] = o
         return out
