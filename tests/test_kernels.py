@@ -1,4 +1,4 @@
-"""The C kernels (kernels/attention.c) against PyTorch, and their build and fallback."""
+"""The C kernels (kernels/*.c) against PyTorch, and their build and fallback."""
 
 from __future__ import annotations
 
@@ -177,6 +177,72 @@ def test_shared_decode_matches_attention_over_prefix_and_own_keys(dtype: torch.d
             for mt in (1, 3, 16):  # members per task: one, a partial tile, the whole group
                 got = kernels.shared_decode(*args, members_per_task=mt)
                 torch.testing.assert_close(got.float(), want.float(), **TOL[dtype])
+
+
+def prefill_case(dtype: torch.dtype, heads: int, kvh: int, d: int, bs: int, seed: int = 0):
+    """Key sets in scattered blocks with chunks of every kind: a group prefix seen whole by three
+    members' chunks (one longer than a tile of query rows), a fresh causal chunk, a continuing
+    causal chunk, one whose first queries see no key, one-query chunks; plus the expected output
+    and lse, attention over each query's visible keys gathered from the pool."""
+    gen = torch.Generator().manual_seed(seed)
+    sets = [(5 * bs + 3, [(7, 5 * bs + 3), (70, 5 * bs + 3), (1, 5 * bs + 3)]),  # (keys, [(queries, first limit)])
+            (2 * bs + 1, [(2 * bs + 1, 1)]), (3 * bs, [(bs + 2, 2 * bs - 1)]), (9, [(4, -2)]), (1, [(1, 1)])]
+    nblocks = 120
+    k_cache, v_cache = (torch.randn(kvh, nblocks * bs, d, generator=gen).to(dtype) for _ in range(2))
+    free = (torch.randperm(nblocks - 1, generator=gen) + 1).tolist()
+    tables = [[free.pop() for _ in range(-(-n // bs))] for n, _ in sets]
+    chunks = [(s, ql, l0) for s, (_, cs) in enumerate(sets) for ql, l0 in cs]
+    rows = torch.tensor([0, *torch.tensor([c[1] for c in chunks]).cumsum(0).tolist()]) + 2  # rows 0, 1: not chunks
+    q = torch.randn(int(rows[-1]) + 1, heads, d, generator=gen).to(dtype)
+    g = heads // kvh
+    want, want_lse = torch.zeros(q.shape), torch.zeros(q.shape[:2])
+    for c, (s, ql, l0) in enumerate(chunks):
+        n = sets[s][0]
+        k, v = (gather_kv(x, torch.tensor(tables[s])[None], bs)[:, :, :n].transpose(0, 1) for x in (k_cache, v_cache))
+        qc = q[rows[c]:rows[c] + ql].view(ql, kvh, g, d).permute(1, 0, 2, 3).reshape(1, kvh, ql * g, d)
+        lim = (l0 + torch.arange(ql)).clamp(0, n).repeat_interleave(g)[None, None]
+        o, lse = attend(qc, k, v, lim, d ** -0.5)
+        want[rows[c]:rows[c] + ql] = o.view(kvh, ql, g, d).permute(1, 0, 2, 3).reshape(ql, heads, d).float()
+        want_lse[rows[c]:rows[c] + ql] = lse.view(kvh, ql, g).permute(1, 0, 2).reshape(ql, heads)
+    pad = max(map(len, tables))
+    offsets = [0]
+    for _, cs in sets:
+        offsets.append(offsets[-1] + len(cs))
+    args = (q, k_cache, v_cache, torch.tensor([t + [0] * (pad - len(t)) for t in tables]),
+            torch.tensor([n for n, _ in sets]), torch.tensor(offsets), rows[:-1], torch.tensor([c[1] for c in chunks]),
+            torch.tensor([c[2] for c in chunks]), bs, d ** -0.5)
+    return args, want, want_lse, slice(2, int(rows[-1]))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kvh,d", SHAPES)
+def test_paged_prefill_matches_attention_over_the_visible_keys(dtype: torch.dtype, heads: int, kvh: int, d: int,
+                                                               tmp_path_factory: pytest.TempPathFactory) -> None:
+    portable = load_cpu_kernels(tmp_path_factory.getbasetemp() / "portable", portable=True)
+    for bs in (4, 16):
+        args, want, want_lse, real = prefill_case(dtype, heads, kvh, d, bs)
+        q = args[0]
+        for kernels in (KERNELS, portable):
+            out, lse = torch.full_like(q, 7.0), torch.full(q.shape[:2], 7.0)
+            kernels.paged_prefill(*args, out=out, lse=lse)
+            torch.testing.assert_close(out[real].float(), want[real], **TOL[dtype])
+            torch.testing.assert_close(lse[real], want_lse[real], **TOL[dtype])
+            assert out[:2].eq(7).all() and out[real.stop:].eq(7).all()  # rows outside the chunks untouched
+            empty = want_lse[real].isinf()
+            assert empty.any() and out[real][empty].eq(0).all()  # queries that see no key: 0, lse -inf
+            out2 = torch.zeros_like(q)
+            kernels.paged_prefill(*args, out=out2)  # without lse
+            assert torch.equal(out2[real], out[real])
+
+
+@needs_kernels
+def test_paged_prefill_rejects_a_wrong_output() -> None:
+    args, *_ = prefill_case(torch.float32, 4, 2, 16, 4)
+    with pytest.raises(ValueError, match="contiguous out"):
+        KERNELS.paged_prefill(*args, out=torch.zeros_like(args[0]).bfloat16())
+    with pytest.raises(ValueError, match="float32"):
+        KERNELS.paged_prefill(*args, out=torch.zeros_like(args[0]), lse=torch.zeros(args[0].shape[:2]).double())
 
 
 @needs_kernels

@@ -9,8 +9,9 @@ from typing import Any, Literal
 import torch
 
 from batchllm.attention.metadata import AttentionMetadata, pad_rows
-from batchllm.attention.reference import (PrefillBucket, ReferenceAttention, attend, attend_bucket, attend_decode,
-                                         bucket_prefills, gather_kv, prefill_bucket)
+from batchllm.attention.reference import (PrefillBucket, PrefillChunks, ReferenceAttention, attend, attend_bucket,
+                                         attend_chunks, attend_decode, bucket_prefills, gather_kv, prefill_bucket,
+                                         prefill_chunks)
 from batchllm.kernels.cpu import CpuKernels
 
 Mode = Literal["auto", "prefix-shared", "reference"]
@@ -97,6 +98,10 @@ class PrefixSharedPrepared:
     prefills: list[PrefillBucket]  # members' and ungrouped sequences' own prefill pieces, bucketed
     block_size: int
     group_decodes: GroupDecodes | None = None  # with kernels: grouped decode queries, all in C
+    # with kernels, instead of `buckets` and `prefills`: group members' prefill queries over their
+    # prefix (one key set per group) and every own prefill piece, each in one C call
+    prefix_chunks: PrefillChunks | None = None
+    own_chunks: PrefillChunks | None = None
     path: str = "prefix-shared"
 
 
@@ -161,24 +166,77 @@ class PrefixSharedAttention:
 
     def prepare(self, meta: AttentionMetadata) -> PrefixSharedPrepared:
         bs, dev = meta.block_size, meta.device
-        shared, items = [0] * meta.num_seqs, []
+        in_c = self.kernels is not None and dev.type == "cpu"
+        shared = [0] * meta.num_seqs
         groups = _groups(meta)
-        in_c: list[tuple[tuple[int, ...], list[int]]] = []  # grouped decodes that run in C
-        if self.kernels is not None and dev.type == "cpu":
+        decodes_in_c: list[tuple[tuple[int, ...], list[int]]] = []  # with kernels, grouped decodes run in C
+        if in_c:
             for blocks, members in groups.items():
-                in_c.append((blocks, [i for i in members if meta.query_lens[i] == 1]))
+                decodes_in_c.append((blocks, [i for i in members if meta.query_lens[i] == 1]))
                 groups[blocks] = [i for i in members if meta.query_lens[i] > 1]
-                for i in in_c[-1][1]:
-                    shared[i] = meta.shared_lens[i]
-            in_c = [(b, m) for b, m in in_c if m]
-        for blocks, members in groups.items():
-            if not members:
+            decodes_in_c = [(b, m) for b, m in decodes_in_c if m]
+        groups = {b: m for b, m in groups.items() if m}
+        for members in [m for _, m in decodes_in_c] + list(groups.values()):
+            for i in members:
+                shared[i] = meta.shared_lens[i]
+        # Own parts: positions shared .. ctx, never empty (queries sit at >= shared).
+        own_blocks = [meta.block_tables[i][shared[i] // bs: -(-meta.context_lens[i] // bs)]
+                      for i in range(meta.num_seqs)]
+        own_lens = [meta.context_lens[i] - shared[i] for i in range(meta.num_seqs)]
+        c_seqs = {i for _, m in decodes_in_c for i in m}
+        decode = [i for i, q in enumerate(meta.query_lens) if q == 1 and i not in c_seqs]
+        everything = list(range(meta.num_tokens))
+        drows = [meta.query_starts[i] for i in decode]
+        prepared = PrefixSharedPrepared(
+            [], None if drows == everything else torch.tensor(drows, dtype=torch.long, device=dev), len(decode),
+            pad_rows([own_blocks[i] for i in decode], dev),
+            torch.tensor([own_lens[i] for i in decode], dtype=torch.long, device=dev), [], bs)
+        if decodes_in_c:
+            seqs = [i for _, m in decodes_in_c for i in m]
+            crows = [meta.query_starts[i] for i in seqs]
+            prepared.group_decodes = GroupDecodes(
+                None if crows == everything else torch.tensor(crows, device=dev),
+                torch.tensor([0, *itertools.accumulate(len(m) for _, m in decodes_in_c)], device=dev),
+                pad_rows([list(b) for b, _ in decodes_in_c], dev),
+                torch.tensor([len(b) * bs for b, _ in decodes_in_c], device=dev),
+                pad_rows([own_blocks[i] for i in seqs], dev), torch.tensor([own_lens[i] for i in seqs], device=dev))
+        prefills = [i for i, n in enumerate(meta.query_lens) if n > 1]
+        if in_c:  # one key set per group prefix (members' chunks see all of it), one per own piece (causal)
+            if groups:
+                prepared.prefix_chunks = prefill_chunks(
+                    [(list(b), len(b) * bs, [(meta.query_starts[i], meta.query_lens[i], len(b) * bs) for i in m])
+                     for b, m in groups.items()], dev)
+            if prefills:
+                prepared.own_chunks = prefill_chunks(
+                    [(own_blocks[i], own_lens[i], [(meta.query_starts[i], meta.query_lens[i],
+                                                    own_lens[i] - meta.query_lens[i] + 1)]) for i in prefills], dev)
+            return prepared
+        prepared.buckets = self._group_buckets(meta, groups)
+        pieces = []  # (q_len, own ctx_len, first flat row, own blocks) of each own prefill piece
+        for i in prefills:
+            n = meta.query_lens[i]
+            if own_lens[i] == n:  # fresh own part: one causal piece, not cut
+                pieces.append((n, n, meta.query_starts[i], own_blocks[i]))
                 continue
+            for c in range(0, n, MAX_ROWS):
+                # Piece c .. c+nc of the chunk: its queries sit at own positions t-nc .. t-1 and
+                # query j sees own positions 0 .. t-nc+j, so it needs own KV 0 .. t-1 only.
+                nc = min(MAX_ROWS, n - c)
+                t = own_lens[i] - n + c + nc
+                pieces.append((nc, t, meta.query_starts[i] + c, own_blocks[i]))
+        prepared.prefills = [prefill_bucket([pieces[j] for j in b], bs, dev)
+                             for b in bucket_prefills([p[:2] for p in pieces])]
+        return prepared
+
+    @staticmethod
+    def _group_buckets(meta: AttentionMetadata, groups: dict[tuple[int, ...], list[int]]) -> list[GroupBucket]:
+        """The PyTorch path's prefix passes: groups' query rows cut into MAX_ROWS pieces, bucketed."""
+        bs, dev = meta.block_size, meta.device
+        items = []
+        for blocks, members in groups.items():
             rows = [r for i in members for r in range(meta.query_starts[i], meta.query_starts[i] + meta.query_lens[i])]
             items += [(len(rows[c:c + MAX_ROWS]), len(blocks), (blocks, rows[c:c + MAX_ROWS]))
                       for c in range(0, len(rows), MAX_ROWS)]
-            for i in members:
-                shared[i] = meta.shared_lens[i]
         # NOTE: identity index maps are stored as None so forward skips those gather/scatter ops.
         everything = list(range(meta.num_tokens))
         buckets = []
@@ -191,38 +249,7 @@ class PrefixSharedAttention:
                 _limits([t[1] * bs for t in b], max(t[1] for t in b) * bs, dev),
                 None if len(src) == len(b) * width else torch.tensor(src, device=dev),
                 None if dst == everything else torch.tensor(dst, device=dev)))
-        # Own parts: positions shared .. ctx, never empty (queries sit at >= shared).
-        own_blocks = [meta.block_tables[i][shared[i] // bs: -(-meta.context_lens[i] // bs)]
-                      for i in range(meta.num_seqs)]
-        own_lens = [meta.context_lens[i] - shared[i] for i in range(meta.num_seqs)]
-        c_seqs = {i for _, m in in_c for i in m}
-        decode = [i for i, q in enumerate(meta.query_lens) if q == 1 and i not in c_seqs]
-        dblocks = pad_rows([own_blocks[i] for i in decode], dev)
-        pieces = []  # (q_len, own ctx_len, first flat row, own blocks) of each own prefill piece
-        for i, n in enumerate(meta.query_lens):
-            if n > 1 and own_lens[i] == n:  # fresh own part: one causal piece, not cut
-                pieces.append((n, n, meta.query_starts[i], own_blocks[i]))
-                continue
-            for c in range(0, n if n > 1 else 0, MAX_ROWS):
-                # Piece c .. c+nc of the chunk: its queries sit at own positions t-nc .. t-1 and
-                # query j sees own positions 0 .. t-nc+j, so it needs own KV 0 .. t-1 only.
-                nc = min(MAX_ROWS, n - c)
-                t = own_lens[i] - n + c + nc
-                pieces.append((nc, t, meta.query_starts[i] + c, own_blocks[i]))
-        prefills = [prefill_bucket([pieces[j] for j in b], bs, dev) for b in bucket_prefills([p[:2] for p in pieces])]
-        drows = [meta.query_starts[i] for i in decode]
-        drows_t = None if drows == everything else torch.tensor(drows, dtype=torch.long, device=dev)
-        dlens = torch.tensor([own_lens[i] for i in decode], dtype=torch.long, device=dev)
-        gd = None
-        if in_c:
-            seqs = [i for _, m in in_c for i in m]
-            crows = [meta.query_starts[i] for i in seqs]
-            gd = GroupDecodes(None if crows == everything else torch.tensor(crows, device=dev),
-                              torch.tensor([0, *itertools.accumulate(len(m) for _, m in in_c)], device=dev),
-                              pad_rows([list(b) for b, _ in in_c], dev),
-                              torch.tensor([len(b) * bs for b, _ in in_c], device=dev),
-                              pad_rows([own_blocks[i] for i in seqs], dev), torch.tensor([own_lens[i] for i in seqs], device=dev))
-        return PrefixSharedPrepared(buckets, drows_t, len(decode), dblocks, dlens, prefills, bs, gd)
+        return buckets
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 prepared: PrefixSharedPrepared, scale: float) -> torch.Tensor:
@@ -238,7 +265,7 @@ class PrefixSharedAttention:
         if p.decode_rows is None:  # decode-only step: no gather/scatter of rows
             o_own, lse_own = self._decode_own(q, k_cache, v_cache, p, scale)
         else:
-            o_own = torch.empty_like(q)
+            o_own = torch.empty(q.shape, dtype=q.dtype, device=q.device)
             lse_own = torch.empty(n_tok, heads, dtype=torch.float32, device=q.device)
             if p.num_decodes:
                 o_own[p.decode_rows], lse_own[p.decode_rows] = self._decode_own(q[p.decode_rows], k_cache, v_cache,
@@ -246,6 +273,9 @@ class PrefixSharedAttention:
         for bucket in p.prefills:
             o_own[bucket.real_rows], lse_own[bucket.real_rows] = attend_bucket(q, k_cache, v_cache, bucket, bs, scale,
                                                                                self.kernels, need_lse=True)
+        if p.own_chunks is not None:
+            assert self.kernels is not None
+            attend_chunks(q, k_cache, v_cache, p.own_chunks, bs, scale, self.kernels, o_own, lse_own)
         # Prefix part: one batched pass per bucket, each group's prefix KV gathered once, then merged
         # into the own part's rows (ungrouped rows keep their own-part result untouched).
         out = o_own
@@ -262,6 +292,13 @@ class PrefixSharedAttention:
             if bk.dst is None:
                 return merge_attention(o, lse, o_own, lse_own).to(q.dtype)
             out[bk.dst] = merge_attention(o, lse, o_own[bk.dst], lse_own[bk.dst]).to(q.dtype)
+        if p.prefix_chunks is not None:
+            assert self.kernels is not None
+            o_pre = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            lse_pre = torch.empty(n_tok, heads, dtype=torch.float32, device=q.device)
+            attend_chunks(q, k_cache, v_cache, p.prefix_chunks, bs, scale, self.kernels, o_pre, lse_pre)
+            rows = p.prefix_chunks.real_rows
+            out[rows] = merge_attention(o_pre[rows], lse_pre[rows], o_own[rows], lse_own[rows]).to(q.dtype)
         if gd is not None:
             out[gd.rows] = self._group_decodes(q[gd.rows], k_cache, v_cache, gd, bs, scale)
         return out

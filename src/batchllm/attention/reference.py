@@ -43,6 +43,49 @@ class PrefillBucket:
 
 
 @dataclass
+class PrefillChunks:
+    """Query chunks over key sets for the C kernel (`CpuKernels.paged_prefill`, which documents the
+    fields): key set s is keys 0 .. key_lens[s]-1 of block table key_tables[s] and owns chunks
+    offsets[s] .. offsets[s+1]-1; chunk c is lens[c] queries from flat row rows[c], its query j
+    seeing keys 0 .. limits[c]+j-1. `real_rows`: the flat rows the chunks cover, in order."""
+
+    key_tables: torch.Tensor
+    key_lens: torch.Tensor
+    offsets: torch.Tensor
+    rows: torch.Tensor
+    lens: torch.Tensor
+    limits: torch.Tensor
+    real_rows: torch.Tensor
+
+
+def prefill_chunks(key_sets: list[tuple[list[int], int, list[tuple[int, int, int]]]],
+                   dev: torch.device) -> PrefillChunks:
+    """`PrefillChunks` from key sets (block table, keys, chunks (first flat row, queries, first
+    limit)); a causal chunk of q queries over ctx keys has first limit ctx - q + 1, a chunk that
+    sees every key the key count."""
+    chunks = [c for _, _, cs in key_sets for c in cs]
+    offsets = [0]
+    for _, _, cs in key_sets:
+        offsets.append(offsets[-1] + len(cs))
+
+    def longs(xs: list[int]) -> torch.Tensor:
+        return torch.tensor(xs, dtype=torch.long, device=dev)
+
+    return PrefillChunks(pad_rows([b for b, _, _ in key_sets], dev), longs([n for _, n, _ in key_sets]), longs(offsets),
+                         longs([c[0] for c in chunks]), longs([c[1] for c in chunks]), longs([c[2] for c in chunks]),
+                         longs([r for c in chunks for r in range(c[0], c[0] + c[1])]))
+
+
+def attend_chunks(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, chunks: PrefillChunks,
+                  block_size: int, scale: float, kernels: CpuKernels, out: torch.Tensor,
+                  lse: torch.Tensor | None = None) -> None:
+    """Attention of the chunks' query rows of q [N, H, d] from the pool, written into those rows of
+    out [N, H, d] (contiguous, q's dtype) and lse [N, H] float32 (if given)."""
+    kernels.paged_prefill(q, k_cache, v_cache, chunks.key_tables, chunks.key_lens, chunks.offsets, chunks.rows,
+                          chunks.lens, chunks.limits, block_size, scale, out, lse)
+
+
+@dataclass
 class ReferencePrepared:
     """Index tensors of one step: decode queries in one padded batch, prefill chunks in buckets."""
 
@@ -51,6 +94,7 @@ class ReferencePrepared:
     decode_lens: torch.Tensor  # [Bd] KV tokens of each decode sequence
     prefills: list[PrefillBucket]
     block_size: int
+    chunks: PrefillChunks | None = None  # with kernels: every prefill chunk, in one C call
     path: str = "reference"
 
 
@@ -318,8 +362,8 @@ def attend_bucket(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 class ReferenceAttention:
     """Decode queries batched in one padded gather + matmul; prefill chunks in padded buckets.
 
-    With `kernels` (CPU only) decode queries read the pool in C (`paged_decode`, no gathered copy)
-    and prefill buckets take the C softmax; without, the whole backend is PyTorch.
+    With `kernels` (CPU only) decode queries (`paged_decode`) and prefill chunks (`paged_prefill`)
+    read the pool in C, with no gathered copy; without, the whole backend is PyTorch.
     """
 
     name = "reference"
@@ -334,14 +378,22 @@ class ReferenceAttention:
         lens = torch.tensor([meta.context_lens[i] for i in decode], dtype=torch.long, device=dev)
         rows = torch.tensor([meta.query_starts[i] for i in decode], dtype=torch.long, device=dev)
         pre = [i for i, q in enumerate(meta.query_lens) if q > 1]
+        if self.kernels is not None and dev.type == "cpu":
+            sets = [(meta.block_tables[i], meta.context_lens[i],
+                     [(meta.query_starts[i], meta.query_lens[i], meta.context_lens[i] - meta.query_lens[i] + 1)])
+                    for i in pre]
+            return ReferencePrepared(rows, blocks, lens, [], bs, prefill_chunks(sets, dev) if pre else None)
         buckets = bucket_prefills([(meta.query_lens[i], meta.context_lens[i]) for i in pre])
         chunks = [(meta.query_lens[i], meta.context_lens[i], meta.query_starts[i], meta.block_tables[i]) for i in pre]
         return ReferencePrepared(rows, blocks, lens, [prefill_bucket([chunks[j] for j in b], bs, dev) for b in buckets], bs)
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 prepared: ReferencePrepared, scale: float) -> torch.Tensor:
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         p = prepared
+        if p.chunks is not None:
+            assert self.kernels is not None
+            attend_chunks(q, k_cache, v_cache, p.chunks, p.block_size, scale, self.kernels, out)
         if p.decode_rows.numel():
             out[p.decode_rows], _ = attend_decode(q[p.decode_rows], k_cache, v_cache, p.decode_blocks, p.decode_lens,
                                                   p.block_size, scale, self.kernels, need_lse=False)

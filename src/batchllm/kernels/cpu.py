@@ -24,8 +24,8 @@ import torch
 from batchllm.config import cache_dir
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "softmax.c", HERE / "decode.c", HERE / "argmax.c"]  # built into one library
-HEADERS = [HERE / "common.h", HERE / "decode_avx512.h"]
+SOURCES = [HERE / "softmax.c", HERE / "decode.c", HERE / "prefill.c", HERE / "argmax.c"]  # built into one library
+HEADERS = [HERE / "common.h", HERE / "pool.h", HERE / "pool_avx512.h"]
 # NOTE: -march=native: the library is built on the machine that runs it (the CPU's flags are in
 # the cache key). -fopenmp links libgomp.so.1, the soname torch's own OpenMP runtime has, so the
 # kernels share torch's thread pool instead of starting a second one that competes for cores.
@@ -154,6 +154,45 @@ class CpuKernels:
                                wsize, threads)
         return out
 
+    def paged_prefill(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, key_tables: torch.Tensor,
+                      key_lens: torch.Tensor, chunk_offsets: torch.Tensor, chunk_rows: torch.Tensor,
+                      chunk_lens: torch.Tensor, chunk_limits: torch.Tensor, block_size: int, scale: float,
+                      out: torch.Tensor, lse: torch.Tensor | None = None) -> None:
+        """Attention of query chunks over key sets straight from the paged pool, into `out`/`lse`.
+
+        Key set s: keys 0 .. key_lens[s]-1 of block table key_tables[s] ([S, nb], padded); its
+        chunks are chunk_offsets[s] .. chunk_offsets[s+1]-1 ([S+1]). Chunk c: chunk_lens[c] >= 1
+        queries at flat rows chunk_rows[c] .. of q [N, H, d]; its query j sees keys 0 ..
+        min(key_lens[s], chunk_limits[c] + j) - 1 (causal at positions p..: limit p + 1; all keys:
+        key_lens[s]). Writes those rows of out [N, H, d] (q's dtype, contiguous) and of lse [N, H]
+        float32 if given; a query that sees no key gets 0 and -inf. Pool and dtypes as
+        `paged_decode`.
+        """
+        self._check_pool(q, k_cache, v_cache)
+        n, heads, d = q.shape
+        kvh, slots, _ = k_cache.shape
+        if out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
+            raise ValueError("paged_prefill writes into a contiguous out of q's shape and dtype")
+        if lse is not None and (lse.shape != (n, heads) or lse.dtype != torch.float32 or not lse.is_contiguous()):
+            raise ValueError("paged_prefill writes lse into a contiguous float32 [N, H] tensor")
+        q = q.contiguous()
+        kbt, klen, off, rows, qlen, lim = (t.to(torch.int64).contiguous() for t in (
+            key_tables, key_lens, chunk_offsets, chunk_rows, chunk_lens, chunk_limits))
+        s = klen.numel()
+        if s == 0 or rows.numel() == 0:
+            return
+        threads = torch.get_num_threads()
+        nmax = kbt.shape[1] * block_size
+        is_bf16 = int(q.dtype == torch.bfloat16)
+        wsize = self.lib.prefill_work(heads, kvh, nmax)
+        work = torch.empty(threads, wsize, dtype=torch.float32)
+        kpack = torch.empty(max(1, self.lib.prefill_pack(s, kvh, d, is_bf16, nmax)), dtype=torch.int32)
+        self.lib.paged_prefill(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots, s, kbt.data_ptr(),
+                               kbt.shape[1], klen.data_ptr(), off.data_ptr(), rows.data_ptr(), qlen.data_ptr(),
+                               lim.data_ptr(), heads, kvh, d, block_size, scale, is_bf16, out.data_ptr(),
+                               None if lse is None else lse.data_ptr(), kpack.data_ptr(), work.data_ptr(), wsize,
+                               threads)
+
     @staticmethod
     def _check_pool(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         if q.dtype not in DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
@@ -219,6 +258,11 @@ def load_cpu_kernels(directory: Path | None = None, portable: bool = False) -> C
     lib.shared_decode.argtypes = [ptr] * 3 + [i64, i64, ptr, ptr, i64, ptr, ptr, i64, ptr] + [i64] * 4 + [
         ctypes.c_float, ctypes.c_int, i64, ptr, ptr, i64, ctypes.c_int]
     lib.shared_decode.restype = None
+    lib.prefill_work.argtypes, lib.prefill_work.restype = [i64] * 3, i64
+    lib.prefill_pack.argtypes, lib.prefill_pack.restype = [i64, i64, i64, ctypes.c_int, i64], i64
+    lib.paged_prefill.argtypes = [ptr] * 3 + [i64, i64, ptr, i64] + [ptr] * 5 + [i64] * 4 + [
+        ctypes.c_float, ctypes.c_int] + [ptr] * 4 + [i64, ctypes.c_int]
+    lib.paged_prefill.restype = None
     lib.argmax_rows.argtypes = [ptr, i64, i64, ctypes.c_int, ptr, ptr, ctypes.c_int]
     lib.argmax_rows.restype = None
     return CpuKernels(lib, out)

@@ -1,4 +1,4 @@
-/* AVX-512 (with bf16) paths of decode.c, for head sizes D that are multiples of 32.
+/* AVX-512 (with bf16) paths of pool.h's step, for head sizes D that are multiples of 32.
  *
  * rows_dot: a few query rows (one sequence's heads of a KV head) over a sequence's keys.
  * NOTE: why not the portable loop: its score of one key is a dot product that ends in a horizontal
@@ -182,7 +182,7 @@ ALWAYS_INLINE void rows_dot(const char *const *qrows, int64_t R, const Pool *pl,
         values_rows_bf16(pl, kh, bt, n, D, R, scores, n, res);
     else
         values_rows(pl, kh, bt, n, D, R, scores, n, res);
-    finish_rows(res, R, D, n, mx, sum, lse);
+    finish_rows(res, R, D, mx, sum, lse);
 }
 
 /* r[0..15] (16 words each) transposed in place: word c of r[k] becomes word k of r[c]. */
@@ -257,23 +257,36 @@ ALWAYS_INLINE void scores_tile(const char *const *qrows, int64_t R4, const uint3
     }
 }
 
+/* Rows 0 .. R-1 over K already packed by pack_k (kp, keys 0 .. n-1 at least): row r attends keys
+ * 0 .. lim[r]-1 (lim NULL: all n; every lim[r] <= n). qrows has R rounded up to 4 entries;
+ * scores holds R rounded up to 4 rows of n rounded up to 16 floats. Otherwise rows_portable's
+ * contract. */
+ALWAYS_INLINE void rows_prepacked(const char *const *qrows, int64_t R, const int64_t *lim, const Pool *pl, int64_t kh,
+                                  const int64_t *bt, int64_t n, const uint32_t *kp, const int64_t D, float scale,
+                                  const int is_bf16, float *scores, float *res, float *lse) {
+    const int64_t W = is_bf16 ? D / 2 : D, pn = (n + 15) / 16 * 16, R4 = (R + 3) / 4 * 4;
+    int64_t c0 = 0; /* scores: 4 rows x 64 keys per step, then 4 rows x 16 keys */
+    for (; c0 + 64 <= pn; c0 += 64) scores_tile(qrows, R4, kp, c0, pn, W, scale, is_bf16, 4, scores);
+    for (; c0 < pn; c0 += 16) scores_tile(qrows, R4, kp, c0, pn, W, scale, is_bf16, 1, scores);
+    float mx[R], sum[R];
+    for (int64_t r = 0; r < R; r++) { /* keys past a row's limit get probability 0 */
+        const int64_t m = lim ? lim[r] : n;
+        mx[r] = exp_row(scores + r * pn, m, &sum[r]);
+        memset(scores + r * pn + m, 0, (size_t)(n - m) * sizeof(float));
+    }
+    if (is_bf16)
+        values_rows_bf16(pl, kh, bt, n, D, R, scores, pn, res);
+    else
+        values_rows(pl, kh, bt, n, D, R, scores, pn, res);
+    finish_rows(res, R, D, mx, sum, lse);
+}
+
 /* rows_portable's contract for many rows over one prefix; qrows has R rounded up to 4 entries.
  * `w` holds shared_decode_work floats. */
 ALWAYS_INLINE void rows_packed(const char *const *qrows, int64_t R, const Pool *pl, int64_t kh, const int64_t *bt,
                                int64_t n, const int64_t D, float scale, const int is_bf16, float *w, float *res,
                                float *lse) {
-    const int64_t W = is_bf16 ? D / 2 : D, pn = (n + 15) / 16 * 16, R4 = (R + 3) / 4 * 4;
     uint32_t *kp = (uint32_t *)w;
-    float *scores = w + pn * D;
     pack_k(pl, kh, bt, n, D, is_bf16, kp);
-    int64_t c0 = 0; /* scores: 4 rows x 64 keys per step, then 4 rows x 16 keys */
-    for (; c0 + 64 <= pn; c0 += 64) scores_tile(qrows, R4, kp, c0, pn, W, scale, is_bf16, 4, scores);
-    for (; c0 < pn; c0 += 16) scores_tile(qrows, R4, kp, c0, pn, W, scale, is_bf16, 1, scores);
-    float mx[R], sum[R];
-    exp_rows(scores, R, n, pn, mx, sum);
-    if (is_bf16)
-        values_rows_bf16(pl, kh, bt, n, D, R, scores, pn, res);
-    else
-        values_rows(pl, kh, bt, n, D, R, scores, pn, res);
-    finish_rows(res, R, D, n, mx, sum, lse);
+    rows_prepacked(qrows, R, NULL, pl, kh, bt, n, kp, D, scale, is_bf16, w + (n + 15) / 16 * 16 * D, res, lse);
 }
