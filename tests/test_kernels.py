@@ -38,35 +38,6 @@ def test_no_or_broken_compiler_falls_back_with_a_warning(cc: str, tmp_path: Path
     assert list(tmp_path.iterdir()) == []  # no half-written library left behind
 
 
-@needs_kernels
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_softmax_lse_matches_torch(dtype: torch.dtype) -> None:
-    gen = torch.Generator().manual_seed(0)
-    scores = (torch.randn(3, 5, 37, generator=gen) * 4).to(dtype)
-    limits = torch.randint(-2, 45, (3, 5), generator=gen)  # negative, 0, partial, beyond the 37 keys
-    limits[0, 0], limits[1, 1] = 0, 37
-    want = (scores.float() * 0.3).masked_fill(torch.arange(37) >= limits[..., None], float("-inf"))
-    want_lse = torch.logsumexp(want, -1)
-    want_p = torch.softmax(want, -1).nan_to_num(0.0)  # empty rows: all -inf -> NaN -> 0
-    got = scores.clone()
-    lse = KERNELS.softmax_lse_(got, limits, 0.3)
-    torch.testing.assert_close(got.float(), want_p.to(dtype).float(), **TOL[dtype])
-    empty = limits <= 0
-    assert lse[empty].eq(float("-inf")).all() and got[empty].eq(0).all()
-    torch.testing.assert_close(lse[~empty], want_lse[~empty], **TOL[dtype])
-    whole = scores.clone()
-    torch.testing.assert_close(KERNELS.softmax_lse_(whole, None, 0.3), torch.logsumexp(scores.float() * 0.3, -1),
-                               **TOL[dtype])
-
-
-@needs_kernels
-def test_softmax_lse_rejects_what_it_cannot_read() -> None:
-    with pytest.raises(ValueError, match="contiguous"):
-        KERNELS.softmax_lse_(torch.randn(4, 6).t(), None, 1.0)
-    with pytest.raises(ValueError, match="float32/bfloat16"):
-        KERNELS.softmax_lse_(torch.randn(4, 6).half(), None, 1.0)
-
-
 def paged_case(dtype: torch.dtype, heads: int, kvh: int, d: int, bs: int) -> tuple[torch.Tensor, ...]:
     """Scattered blocks; sequences with full, one-key, empty and partial last blocks."""
     gen = torch.Generator().manual_seed(heads + d + bs)

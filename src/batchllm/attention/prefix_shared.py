@@ -35,7 +35,8 @@ MIN_SAVED_TOKENS = 12288
 # here, where GPUs, with far more FLOP per byte, see 5-30x.
 MIN_SAVED_TOKENS_KERNELS = 1024
 
-# NOTE: groups are padded together into buckets; a bucket is split when its padded
+# NOTE: on the PyTorch path (with kernels every prefill pass is one C call per step, `paged_prefill`)
+# groups are padded together into buckets; a bucket is split when its padded
 # rows x prefix area would exceed BUCKET_SLACK x the real area; at most MAX_BUCKETS buckets, so the
 # op count per layer is bounded no matter how many groups the step has. Measured on the planning
 # workload (16 groups x 16, bf16): slack 1.25 / 8 buckets computes 435 instead of 726 GFLOP of
@@ -46,7 +47,7 @@ MAX_BUCKETS = 8
 # NOTE: query rows are cut into pieces of at most MAX_ROWS (a group's stacked rows, a continuing
 # prefill chunk) to bound per-pass memory: the scores on attend's matmul paths (512 x 8 heads x
 # 4096 KV) or the flash kernel's additive mask. Fresh chunks are not cut (under the flash kernel
-# they run causal without a mask; with kernels `attend_queries` works in query tiles). Decode
+# they run causal without a mask). The C path needs no cutting: it works in tiles of rows. Decode
 # groups have one row per member, so only groups of > 512 get cut. Own prefill pieces are then
 # padded into buckets (`bucket_prefills`), as the reference backend does with prefill chunks.
 MAX_ROWS = 512
@@ -155,8 +156,11 @@ def merge_attention(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2
 class PrefixSharedAttention:
     """Group prefixes attended once per group (all members' queries stacked), own KV per sequence.
 
-    With `kernels` (CPU) own-part decode reads the pool in C (`paged_decode`) and the other passes
-    take the C softmax; without, the backend is PyTorch only.
+    With `kernels` (CPU) every pass reads the pool in C, with no gathered copy: grouped decodes
+    (`shared_decode`, prefix and own part in one call), other decodes' own parts (`paged_decode`),
+    members' prefill chunks over their prefix and all own prefill pieces (`paged_prefill`, one
+    call each); the log-sum-exp merge of prefill rows stays in PyTorch. Without, the backend is
+    PyTorch only.
     """
 
     name = "prefix-shared"
@@ -272,7 +276,7 @@ class PrefixSharedAttention:
                                                                                 p, scale)
         for bucket in p.prefills:
             o_own[bucket.real_rows], lse_own[bucket.real_rows] = attend_bucket(q, k_cache, v_cache, bucket, bs, scale,
-                                                                               self.kernels, need_lse=True)
+                                                                               need_lse=True)
         if p.own_chunks is not None:
             assert self.kernels is not None
             attend_chunks(q, k_cache, v_cache, p.own_chunks, bs, scale, self.kernels, o_own, lse_own)
@@ -284,7 +288,7 @@ class PrefixSharedAttention:
             qg = q[bk.rows].view(gn, r, kvh, g, d).permute(2, 0, 1, 3, 4).reshape(kvh, gn, r * g, d)
             k = gather_kv(k_cache, bk.blocks, bs)  # [kvh, G, L, d]
             v = gather_kv(v_cache, bk.blocks, bs)
-            o, lse = attend(qg, k, v, bk.limits, scale, kernels=self.kernels)  # [kvh, G, R*g, d], [kvh, G, R*g]
+            o, lse = attend(qg, k, v, bk.limits, scale)  # [kvh, G, R*g, d], [kvh, G, R*g]
             o = o.view(kvh, gn, r, g, d).permute(1, 2, 0, 3, 4).reshape(gn * r, heads, d)
             lse = lse.view(kvh, gn, r, g).permute(1, 2, 0, 3).reshape(gn * r, heads)
             if bk.src is not None:

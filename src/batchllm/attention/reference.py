@@ -139,40 +139,23 @@ def key_mask(limits: torch.Tensor, t: int) -> torch.Tensor:
     return torch.arange(t, device=limits.device) < limits[..., None]
 
 
-# NOTE: the C softmax serves `attend` while the fp32/bf16 scores stay below this many elements
-# (64 MB in fp32); bigger prefill chunks go to ATen's flash kernel, which never materialises them.
-MAX_KERNEL_SCORES = 1 << 24
-
-
 def kernel_path(q: torch.Tensor, kernels: CpuKernels | None) -> bool:
-    """True when attention of q may run matmul + the C softmax (kernels loaded, CPU fp32/bf16)."""
+    """True when attention of q may run in the C kernels (kernels loaded, CPU fp32/bf16)."""
     return kernels is not None and kernels.handles(q)
 
 
-def use_kernel(q: torch.Tensor, t: int, kernels: CpuKernels | None) -> bool:
-    """True when `attend` of q [..., M, d] over t keys runs matmul + the C softmax."""
-    return kernel_path(q, kernels) and q.numel() // q.shape[-1] * t <= MAX_KERNEL_SCORES
-
-
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limits: torch.Tensor | None, scale: float,
-           need_lse: bool = True, kernels: CpuKernels | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+           need_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Softmax attention with query heads folded per KV head; returns (out, log-sum-exp).
 
     q: [B, kvh, M, d] (M = queries × heads per KV head), k/v: [B, kvh, T, d]; query row r attends
     keys 0 .. limits[r]-1 (`limits`: integer tensor broadcastable to [B, kvh, M]; None: all T).
     Softmax statistics are float32; out has q's dtype. Rows with nothing to attend to get out 0
     and lse -inf, so they merge correctly. With `need_lse=False` the lse may be skipped (None).
-    With `kernels` (CPU, fp32/bf16, `use_kernel`) the scores go through the C softmax in place;
-    otherwise through PyTorch, the reference it is tested against.
     NOTE: bf16 `scaled_dot_product_attention` for decode is 3-13x slower than matmul + softmax
     on this CPU, so few-row queries never take the SDPA path.
     """
     t = k.shape[-2]
-    if use_kernel(q, t, kernels):
-        assert kernels is not None
-        scores = torch.matmul(q, k.transpose(-1, -2))
-        lse = kernels.softmax_lse_(scores, limits, scale)  # scores now hold the probabilities
-        return torch.matmul(scores, v), lse
     mask = None if limits is None else key_mask(limits, t)
     if q.shape[-2] >= flash_min_rows(q.dtype) and q.device.type == "cpu":
         return _attend_flash(q, k, v, mask, scale)
@@ -208,8 +191,7 @@ def attend_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     kvh = k_cache.shape[0]
     k = gather_kv(k_cache, blocks, block_size)  # [kvh, B, T, d]
     v = gather_kv(v_cache, blocks, block_size)
-    o, lse = attend(q.view(b, kvh, heads // kvh, d).transpose(0, 1), k, v, lens[None, :, None], scale, need_lse,
-                    kernels)
+    o, lse = attend(q.view(b, kvh, heads // kvh, d).transpose(0, 1), k, v, lens[None, :, None], scale, need_lse)
     return o.transpose(0, 1).reshape(b, heads, d), None if lse is None else lse.transpose(0, 1).reshape(b, heads)
 
 
@@ -224,45 +206,11 @@ def _attend_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     return out, lse
 
 
-# NOTE: on the kernel path query tokens are attended in tiles, each over the keys up to its own
-# largest limit: causal chunks skip most of the masked triangle above the diagonal, and a tile's
-# scores stay cache-sized. Measured (2 threads, 8 q / 2 KV heads, d 64, causal fresh chunks,
-# untiled -> tiled): bf16 tile 128: 8 x 600 tokens 39.4 -> 15.2 ms, 8 x 260 4.5 -> 4.1 ms,
-# 2 x 2000 (the flash kernel before) 66.7 -> 34.5 ms; fp32 tile 64: 37.4 -> 26.8, 10.6 -> 6.5,
-# 65.9 -> 60.0 ms (tile 128: 30.0, 7.7, 64.1).
-QUERY_TILE_FP32 = 64
-QUERY_TILE_HALF = 128
-
-
 def attend_queries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limits: torch.Tensor, scale: float,
-                   need_lse: bool = True, kernels: CpuKernels | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   need_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`attend` for query tokens: q [B, n, H, d] over k/v [B, kvh, T, d], query j of sequence b
     seeing keys 0 .. limits[b, j]-1 (`limits` broadcastable to [B, n]) -> (out [B, n, H, d],
-    lse [B, n, H] or None). On the kernel path the queries go in tiles (QUERY_TILE_*), each over
-    the keys its rows can see.
-    """
-    b, n, heads, d = q.shape
-    lim = limits.expand(b, n)
-    tile = (QUERY_TILE_FP32 if q.dtype == torch.float32 else QUERY_TILE_HALF) if kernel_path(q, kernels) else n
-    if n <= tile:
-        return _attend_folded(q, k, v, lim, scale, need_lse, kernels)
-    out = torch.empty_like(q)
-    lse = torch.empty(b, n, heads, dtype=torch.float32, device=q.device) if need_lse else None
-    tops = lim.amax(0).tolist()
-    for i0 in range(0, n, tile):
-        i1 = min(n, i0 + tile)
-        t = min(k.shape[-2], max(1, max(tops[i0:i1])))
-        o, tl = _attend_folded(q[:, i0:i1], k[:, :, :t], v[:, :, :t], lim[:, i0:i1], scale, need_lse, kernels)
-        out[:, i0:i1] = o
-        if lse is not None and tl is not None:
-            lse[:, i0:i1] = tl
-    return out, lse
-
-
-def _attend_folded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limits: torch.Tensor, scale: float,
-                   need_lse: bool, kernels: CpuKernels | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One `attend` call for attend_queries (limits [B, n]).
+    lse [B, n, H] or None).
 
     NOTE: the g query heads of a KV head are folded into rows (head in group, query), so each KV
     head is one matmul; the limits repeat per folded head and broadcast over the KV heads.
@@ -271,27 +219,26 @@ def _attend_folded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limits: to
     kvh = k.shape[1]
     g = heads // kvh
     qf = q.reshape(b, n, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(b, kvh, g * n, d)
-    lim = limits[:, None, None, :].expand(b, 1, g, n).reshape(b, 1, g * n)
-    o, lse = attend(qf, k, v, lim, scale, need_lse, kernels)
+    lim = limits.expand(b, n)[:, None, None, :].expand(b, 1, g, n).reshape(b, 1, g * n)
+    o, lse = attend(qf, k, v, lim, scale, need_lse)
     o = o.view(b, kvh, g, n, d).permute(0, 3, 1, 2, 4).reshape(b, n, heads, d)
     if lse is not None:
         lse = lse.view(b, kvh, g, n).permute(0, 3, 1, 2).reshape(b, n, heads)
     return o, lse
 
 
-def attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                  kernels: CpuKernels | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of a fresh chunk over itself: q [B, n, H, d], k/v [B, kvh, n, d] ->
-    (out [B, n, H, d], lse [B, n, H] float32). On CPU without the kernel path no mask is built:
-    the flash kernel runs under its causal flag and skips the blocks above the diagonal."""
+    (out [B, n, H, d], lse [B, n, H] float32). On CPU no mask is built: the flash kernel runs
+    under its causal flag and skips the blocks above the diagonal."""
     b, n, heads, d = q.shape
     kvh = k.shape[1]
-    if q.device.type == "cpu" and not kernel_path(q, kernels):
+    if q.device.type == "cpu":
         k, v = k.repeat_interleave(heads // kvh, dim=1), v.repeat_interleave(heads // kvh, dim=1)
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q.transpose(1, 2), k, v, is_causal=True,
                                                                            scale=scale)
         return o.transpose(1, 2), lse.transpose(1, 2)
-    o, lse = attend_queries(q, k, v, torch.arange(1, n + 1, device=q.device), scale, kernels=kernels)
+    o, lse = attend_queries(q, k, v, torch.arange(1, n + 1, device=q.device), scale)
     assert lse is not None
     return o, lse
 
@@ -330,10 +277,9 @@ def prefill_bucket(chunks: list[tuple[int, int, int, list[int]]], block_size: in
 
 
 def attend_bucket(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bucket: PrefillBucket,
-                  block_size: int, scale: float, kernels: CpuKernels | None,
-                  need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention of a bucket's real query rows over their chunks' KV in the pool -> (out [R, H, d],
-    lse [R, H] or None) for the R rows `bucket.real_rows`, in that order."""
+                  block_size: int, scale: float, need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of a bucket's real query rows over their chunks' KV in the pool (PyTorch) ->
+    (out [R, H, d], lse [R, H] or None) for the R rows `bucket.real_rows`, in that order."""
     b, qmax = bucket.rows.shape
     _, heads, d = q.shape
     g = heads // k_cache.shape[0]
@@ -341,8 +287,8 @@ def attend_bucket(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     v = gather_kv(v_cache, bucket.blocks, block_size)[:, :, :bucket.tmax].transpose(0, 1)
     qb = q[bucket.rows]  # [B, Qmax, H, d]
     lse = None
-    if kernel_path(qb, kernels) or (need_lse and not bucket.fresh):
-        o, lse = attend_queries(qb, k, v, bucket.limits, scale, need_lse, kernels)
+    if need_lse and not bucket.fresh:
+        o, lse = attend_queries(qb, k, v, bucket.limits, scale, need_lse)
     elif need_lse:  # fresh chunks padded at the end: the causal flag is exact for the real rows
         o, lse = attend_causal(qb, k, v, scale)
     else:
@@ -398,6 +344,6 @@ class ReferenceAttention:
             out[p.decode_rows], _ = attend_decode(q[p.decode_rows], k_cache, v_cache, p.decode_blocks, p.decode_lens,
                                                   p.block_size, scale, self.kernels, need_lse=False)
         for bucket in p.prefills:
-            o, _ = attend_bucket(q, k_cache, v_cache, bucket, p.block_size, scale, self.kernels, need_lse=False)
+            o, _ = attend_bucket(q, k_cache, v_cache, bucket, p.block_size, scale, need_lse=False)
             out[bucket.real_rows] = o
         return out

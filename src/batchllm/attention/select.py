@@ -9,5 +9,5 @@ from batchllm.kernels.cpu import CpuKernels
 
 def make_backend(mode: str, kernels: CpuKernels | None = None) -> AttentionBackend:
     """`reference` | `prefix-shared` | `auto` (prefix-shared in steps where sharing pays off);
-    `kernels`: the CPU C kernels for the softmax (None: PyTorch only)."""
+    `kernels`: the CPU C kernels (None: PyTorch only)."""
     return AutoAttention(mode, kernels)  # type: ignore[arg-type]

@@ -1,4 +1,4 @@
-/* Shared by the CPU kernels (softmax.c, decode.c): float helpers, compiled into one library. */
+/* Shared by the CPU kernels (decode.c, prefill.c, argmax.c): float helpers, compiled into one library. */
 #ifndef BATCHLLM_KERNELS_COMMON_H
 #define BATCHLLM_KERNELS_COMMON_H
 #include <math.h>
@@ -7,7 +7,9 @@
 #include <string.h>
 
 /* exp(x) for x <= 0 with float accuracy (about 1 ulp); below -87 it returns exp(-87) ~ 1.6e-38,
- * which is 0 next to the row maximum's exp(0) = 1. */
+ * which is 0 next to the row maximum's exp(0) = 1.
+ * NOTE: a local polynomial rather than libm's expf, which does not vectorize without -ffast-math
+ * (and -ffast-math would assume away the -inf the kernels rely on). */
 static inline float exp_nonpos(float x) {
     x = x < -87.0f ? -87.0f : x;
     float n = nearbyintf(x * 1.44269504088896341f);
@@ -34,7 +36,7 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; inputs a
 }
 
 /* x[0 .. n-1] becomes exp(x - max) in place; returns the max, *sum gets the sum. The shared first
- * half of a softmax (softmax.c normalizes at once, decode.c after the value pass). */
+ * half of a softmax: the attention kernels normalize after the value pass. */
 static inline float exp_row(float *x, int64_t n, float *sum) {
     float m = -INFINITY, s = 0.0f;
 #pragma omp simd reduction(max : m)

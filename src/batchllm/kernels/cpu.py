@@ -24,14 +24,13 @@ import torch
 from batchllm.config import cache_dir
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "softmax.c", HERE / "decode.c", HERE / "prefill.c", HERE / "argmax.c"]  # built into one library
+SOURCES = [HERE / "decode.c", HERE / "prefill.c", HERE / "argmax.c"]  # built into one library
 HEADERS = [HERE / "common.h", HERE / "pool.h", HERE / "pool_avx512.h"]
 # NOTE: -march=native: the library is built on the machine that runs it (the CPU's flags are in
 # the cache key). -fopenmp links libgomp.so.1, the soname torch's own OpenMP runtime has, so the
 # kernels share torch's thread pool instead of starting a second one that competes for cores.
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 DTYPES = (torch.float32, torch.bfloat16)  # what the kernels read and write
-_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p]
 
 
 @dataclass(frozen=True)
@@ -50,34 +49,6 @@ class CpuKernels:
     def handles(x: torch.Tensor) -> bool:
         """True for the tensors the kernels take: float32 or bfloat16 on the CPU."""
         return x.device.type == "cpu" and x.dtype in DTYPES
-
-    def softmax_lse_(self, scores: torch.Tensor, limits: torch.Tensor | None, scale: float) -> torch.Tensor:
-        """Softmax of `scale * scores` over the last dim, in place, keeping only the first
-        `limits[...]` keys of each row (the rest become 0); returns the log-sum-exp [...] float32.
-
-        scores: contiguous float32 or bfloat16 CPU tensor [..., T]. limits: integer tensor
-        broadcastable to scores.shape[:-1] (None: every key). A row with limit 0 becomes 0 with lse
-        -inf, so it merges as an empty part.
-        """
-        if not scores.is_contiguous() or scores.dtype not in DTYPES:
-            raise ValueError(f"softmax_lse_ needs a contiguous float32/bfloat16 tensor, got {scores.dtype}")
-        cols = scores.shape[-1]
-        rows = scores.numel() // max(cols, 1)
-        if limits is None:
-            lim = torch.full((rows,), cols, dtype=torch.int32)
-        else:
-            lim = limits.to(torch.int32).expand(scores.shape[:-1]).contiguous()
-        lse = torch.empty(scores.shape[:-1], dtype=torch.float32)
-        if rows == 0:
-            return lse
-        threads = torch.get_num_threads()
-        args = [scores.data_ptr(), rows, cols, lim.data_ptr(), scale, lse.data_ptr()]
-        if scores.dtype == torch.float32:
-            self.lib.softmax_lse_f32(*args, threads)
-        else:
-            work = torch.empty(threads, cols, dtype=torch.float32)
-            self.lib.softmax_lse_bf16(*args, work.data_ptr(), threads)
-        return lse
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """Index of each row's maximum, as `logits.argmax(-1)` (first maximum; first NaN if any):
@@ -246,12 +217,10 @@ def load_cpu_kernels(directory: Path | None = None, portable: bool = False) -> C
             return None
         os.replace(tmp, out)  # atomic: a concurrent process sees the old state or the whole library
     lib = ctypes.CDLL(str(out))
-    lib.softmax_lse_f32.argtypes = [*_ARGS, ctypes.c_int]
-    lib.softmax_lse_bf16.argtypes = [*_ARGS, ctypes.c_void_p, ctypes.c_int]
     lib.paged_decode.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                                                           ctypes.c_void_p] + [ctypes.c_int64] * 5 + [
         ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-    lib.softmax_lse_f32.restype = lib.softmax_lse_bf16.restype = lib.paged_decode.restype = None
+    lib.paged_decode.restype = None
     lib.avx512_decode.argtypes, lib.avx512_decode.restype = [], ctypes.c_int
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.shared_decode_work.argtypes, lib.shared_decode_work.restype = [i64] * 6, i64
