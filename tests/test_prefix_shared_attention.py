@@ -76,7 +76,8 @@ def compare(meta: AttentionMetadata, heads: int, kvh: int, d: int, dtype: torch.
     want = ref.forward(q, k, v, ref.prepare(meta), scale)
     others = [PrefixSharedAttention()]
     if KERNELS is not None:
-        others += [PrefixSharedAttention(KERNELS), ReferenceAttention(KERNELS)]
+        others += [PrefixSharedAttention(KERNELS), PrefixSharedAttention(KERNELS, share_prefill=False),
+                   ReferenceAttention(KERNELS)]
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for be in others:
         got = be.forward(q, k, v, be.prepare(meta), scale)
@@ -164,6 +165,14 @@ def test_auto_selection() -> None:
     if KERNELS is not None:
         assert AutoAttention("auto", KERNELS).prepare(mid).path == "prefix-shared"
         assert AutoAttention("auto", KERNELS).prepare(small).path == "reference"
+    # members' prefill chunks: shared on the PyTorch path; with kernels only decode queries count
+    pre = make_step(rng, [(1008 // 16, [(100, 50)] * 16)], [], bs=16)
+    assert saved_tokens(pre) == 14 * 1008 and saved_tokens(pre, decode_only=True) == 0
+    assert should_share(pre) and not should_share(pre, kernels=True)
+    if KERNELS is not None:
+        assert not AutoAttention("auto", KERNELS).backends["prefix-shared"].share_prefill
+        assert AutoAttention("prefix-shared", KERNELS).backends["prefix-shared"].share_prefill
+    assert AutoAttention("auto").backends["prefix-shared"].share_prefill
     assert AutoAttention("reference").prepare(big).path == "reference"
     assert AutoAttention("prefix-shared").prepare(small).path == "prefix-shared"
     with pytest.raises(ValueError):

@@ -51,6 +51,14 @@ MAX_BUCKETS = 8
 # groups have one row per member, so only groups of > 512 get cut. Own prefill pieces are then
 # padded into buckets (`bucket_prefills`), as the reference backend does with prefill chunks.
 MAX_ROWS = 512
+# NOTE: with kernels, `auto` shares the prefix only for decode queries; members' prefill chunks go
+# per sequence (over prefix + own keys, no merge). Prefill attention is matrix-matrix either way
+# and compute-bound, so the shared pass saves only the per-member K packing and pays a second, small
+# own pass plus the merge. Measured (`paged_prefill`, bf16, 8 q / 2 KV heads, d 64, one layer,
+# per-sequence vs shared + merge): m=16 L=1000 own 110: 13.3 vs 14.9 ms; m=32 L=1000: 26.3 vs
+# 30.1; m=8 L=4000 own 100: 23.2 vs 23.3; m=16 own 20: 2.48 vs 2.54; m=4 L=2000 own 300: 17.6 vs
+# 19.0. Forcing `attention="prefix-shared"` keeps the shared prefill pass.
+SHARE_PREFILL_WITH_KERNELS = False
 # NOTE: with kernels, decode queries of group members run in C (`CpuKernels.shared_decode`), this
 # many members per pass over their group's prefix. Measured (bf16, 8 q / 2 KV heads, d 64, own
 # part 100), ms per layer for 4, 8, 16, 32 members: G=4 m=16 L=1000 0.89 0.76 0.69 0.69 (per-
@@ -159,14 +167,16 @@ class PrefixSharedAttention:
     With `kernels` (CPU) every pass reads the pool in C, with no gathered copy: grouped decodes
     (`shared_decode`, prefix and own part in one call), other decodes' own parts (`paged_decode`),
     members' prefill chunks over their prefix and all own prefill pieces (`paged_prefill`, one
-    call each); the log-sum-exp merge of prefill rows stays in PyTorch. Without, the backend is
-    PyTorch only.
+    call each); the log-sum-exp merge of prefill rows stays in PyTorch. With `share_prefill`
+    False, members' prefill chunks are attended per sequence instead, like every other prefill
+    chunk (see SHARE_PREFILL_WITH_KERNELS). Without kernels, the backend is PyTorch only.
     """
 
     name = "prefix-shared"
 
-    def __init__(self, kernels: CpuKernels | None = None) -> None:
+    def __init__(self, kernels: CpuKernels | None = None, share_prefill: bool = True) -> None:
         self.kernels = kernels
+        self.share_prefill = share_prefill
 
     def prepare(self, meta: AttentionMetadata) -> PrefixSharedPrepared:
         bs, dev = meta.block_size, meta.device
@@ -179,7 +189,9 @@ class PrefixSharedAttention:
                 decodes_in_c.append((blocks, [i for i in members if meta.query_lens[i] == 1]))
                 groups[blocks] = [i for i in members if meta.query_lens[i] > 1]
             decodes_in_c = [(b, m) for b, m in decodes_in_c if m]
-        groups = {b: m for b, m in groups.items() if m}
+        # With kernels and share_prefill off, members' prefill chunks attend their whole block
+        # table in one pass, as the reference backend does (SHARE_PREFILL_WITH_KERNELS).
+        groups = {b: m for b, m in groups.items() if m and (self.share_prefill or not in_c)}
         for members in [m for _, m in decodes_in_c] + list(groups.values()):
             for i in members:
                 shared[i] = meta.shared_lens[i]
@@ -322,15 +334,19 @@ class PrefixSharedAttention:
         return o, lse
 
 
-def saved_tokens(meta: AttentionMetadata) -> int:
-    """KV tokens per layer the shared path does not read: about (members - 1) * prefix per group."""
-    return _kv_tokens(meta, "reference") - _kv_tokens(meta, "prefix-shared")
+def saved_tokens(meta: AttentionMetadata, decode_only: bool = False) -> int:
+    """KV tokens per layer the shared path does not read: about (members - 1) * prefix per group
+    (`decode_only`: counting only members' decode queries, the ones it shares with kernels)."""
+    return _kv_tokens(meta, "reference") - _kv_tokens(meta, "prefix-shared", decode_only)
 
 
 def should_share(meta: AttentionMetadata, kernels: bool = False) -> bool:
     """True when the step's groups share enough KV reads for the shared path to pay off
-    (`kernels`: the C kernels are in use, which moves the threshold)."""
-    return saved_tokens(meta) >= (MIN_SAVED_TOKENS_KERNELS if kernels else MIN_SAVED_TOKENS)
+    (`kernels`: the C kernels are in use, which moves the threshold and, unless
+    SHARE_PREFILL_WITH_KERNELS, counts decode queries only)."""
+    if kernels:
+        return saved_tokens(meta, decode_only=not SHARE_PREFILL_WITH_KERNELS) >= MIN_SAVED_TOKENS_KERNELS
+    return saved_tokens(meta) >= MIN_SAVED_TOKENS
 
 
 def select_backend(meta: AttentionMetadata, kernels: bool = False) -> str:
@@ -338,10 +354,12 @@ def select_backend(meta: AttentionMetadata, kernels: bool = False) -> str:
     return "prefix-shared" if should_share(meta, kernels) else "reference"
 
 
-def _kv_tokens(meta: AttentionMetadata, path: str) -> int:
+def _kv_tokens(meta: AttentionMetadata, path: str, decode_only: bool = False) -> int:
     tokens = sum(meta.context_lens)
     if path == "prefix-shared":
         for blocks, members in _groups(meta).items():
+            if decode_only:
+                members = [i for i in members if meta.query_lens[i] == 1]
             reads = -(-sum(meta.query_lens[i] for i in members) // MAX_ROWS)  # row pieces
             tokens -= (len(members) - reads) * len(blocks) * meta.block_size
     elif path != "reference":
@@ -371,7 +389,8 @@ class AutoAttention:
     """Backend that picks the reference or prefix-shared path per step (`mode="auto"`) or forces one.
 
     The decision is made in `prepare`, returned as `AutoPrepared.path` and kept in `last_path`.
-    `kernels` (CPU) go to both backends.
+    `kernels` (CPU) go to both backends; then, under `auto`, the prefix-shared one shares decode
+    queries only (SHARE_PREFILL_WITH_KERNELS).
     """
 
     name = "auto"
@@ -380,8 +399,9 @@ class AutoAttention:
         if mode not in ("auto", "prefix-shared", "reference"):
             raise ValueError(f"unknown attention mode {mode!r}")
         self.mode = mode
+        share_prefill = mode == "prefix-shared" or kernels is None or SHARE_PREFILL_WITH_KERNELS
         self.backends: dict[str, Any] = {"reference": ReferenceAttention(kernels),
-                                         "prefix-shared": PrefixSharedAttention(kernels)}
+                                         "prefix-shared": PrefixSharedAttention(kernels, share_prefill)}
         self.kernels = kernels
         self.last_path: str | None = None
 
