@@ -439,15 +439,6 @@ def test_random_workloads_in_tight_pools(llama_dir: Path, reference_llm: LLM, wo
                 llm.generate(prompts, params, use_tqdm=False)
             event("pool too small for a group")
             return
-        if not config.get("memory_centric", True):
-            # NOTE (known bug, reported): without memory-centric admission, pinned prefixes plus a
-            # preempted or not yet finished sequence can exceed a tight pool, and the run stalls
-            # (an empty step, or a sequence preempting itself forever). The ablation gets a pool
-            # in which all prefixes fit together with any one sequence.
-            prefixes = sum(-(-g.prefix_len // block_size) for g in plan.groups if g.shared)
-            pool = max(pool, prefixes + max(need, biggest))
-            llm = LLM(str(llama_dir), dtype="float32", num_kv_blocks=pool, block_size=block_size,
-                      max_num_batched_tokens=budget, **config)
     outs = generate_bounded(llm, prompts, params)
     assert tokens(outs) == reference
     stats = llm.last_run_stats

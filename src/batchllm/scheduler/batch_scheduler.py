@@ -59,18 +59,31 @@ class BatchScheduler(Scheduler):
     def _reserve_blocks(self) -> int:
         return sum(max(0, self._final_blocks(s) - len(s.block_table)) for s in self.running if not s.is_prefix)
 
+    def _live_prefix_blocks(self, extra: GroupState | None = None) -> int:
+        """Blocks of the prefixes pinned by started groups still alive (plus `extra`'s)."""
+        return sum(self.bm.blocks_for(x.prefix_len) for x in self.groups
+                   if x.prefix is not None and x.alive > 0 and (x.started or x is extra))
+
     def _prefixes_fit(self, g: GroupState) -> bool:
-        """Starting `g`'s prefix keeps every live group runnable: the prefixes pinned so far, plus
-        `g`'s, plus the largest own part of any of their members fit in the pool. (Waiting members
-        of started groups are not in the reserve, and pinned prefixes are never preempted.)"""
+        """Starting `g`'s prefix keeps every started sequence runnable: the prefixes pinned so far,
+        plus `g`'s, plus the largest own part of any member of their groups or of any running or
+        preempted sequence fit in the pool. Pinned prefixes are never preempted, so then any one
+        of those sequences can always run to the end once the others are preempted."""
         live = [x for x in self.groups if x.prefix is not None and x.alive > 0 and (x.started or x is g)]
-        prefixes = sum(self.bm.blocks_for(x.prefix_len) for x in live)
-        member = max(self._own_need(m, x) for x in live for m in x.members)
-        return prefixes + member <= self.bm.num_blocks
+        started = [s for s in (*self.running, *self.waiting.preempted) if not s.is_prefix]
+        member = max([self._own_need(m, x) for x in live for m in x.members] +
+                     [self._own_need(s, self._by_gid[s.group_id]) for s in started if s.group_id in self._by_gid] +
+                     [self._final_blocks(s) for s in started if s.group_id not in self._by_gid])
+        return self._live_prefix_blocks(g) + member <= self.bm.num_blocks
 
     def _admission_ok(self, seq: Sequence, n: int) -> bool:
-        if seq.is_prefix and self.memory_centric and not self._prefixes_fit(self._by_gid[seq.group_id]):
+        # NOTE: the prefix rules hold with or without memory-centric admission: pinned prefixes are
+        # never preempted, so a sequence that could not fit beside them would stall the run.
+        if seq.is_prefix and not self._prefixes_fit(self._by_gid[seq.group_id]):
             return False
+        if (not seq.is_prefix and seq.group_id not in self._by_gid
+                and self._live_prefix_blocks() + self._final_blocks(seq) > self.bm.num_blocks):
+            return False  # an ungrouped sequence waits until enough prefixes are released
         if not self.memory_centric or not self.running:
             return True  # the allocation itself decides (and an idle engine always admits)
         g = self._by_gid.get(seq.group_id)

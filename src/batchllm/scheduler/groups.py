@@ -104,5 +104,10 @@ class PlanQueue:
         self._size += 1
         self._preempted.appendleft(seq)
 
+    @property
+    def preempted(self) -> tuple[Sequence, ...]:
+        """Preempted sequences waiting to be admitted again (they go first)."""
+        return tuple(self._preempted)
+
     def __len__(self) -> int:
         return self._size
