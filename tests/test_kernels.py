@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 try:
     import batchllm  # noqa: F401
@@ -214,6 +215,35 @@ def test_paged_prefill_rejects_a_wrong_output() -> None:
         KERNELS.paged_prefill(*args, out=torch.zeros_like(args[0]).bfloat16())
     with pytest.raises(ValueError, match="float32"):
         KERNELS.paged_prefill(*args, out=torch.zeros_like(args[0]), lse=torch.zeros(args[0].shape[:2]).double())
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_and_silu_mul_match_the_pytorch_layer(dtype: torch.dtype) -> None:
+    """The fused passes against the model's PyTorch ops (rounded after every op like them): bf16
+    equal but for rare one-ulp flips of the variance, fp32 within float tolerance."""
+    from batchllm.models.llama import rms_norm
+    gen = torch.Generator().manual_seed(6)
+    x, res = (torch.randn(37, 96, generator=gen).to(dtype) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(96, generator=gen)).to(dtype)
+    gate_up = (4 * torch.randn(37, 2 * 80, generator=gen)).to(dtype)
+    gate_up[0, :3] = torch.tensor([-100.0, 100.0, 0.0])  # far tails and 0 of SiLU
+    # atol 1e-30: SiLU far below 0 is ~1e-36 here against ~1e-42 (exp_nonpos stops at exp(-87))
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-30, rtol=2 ** -7)
+    h = x.clone()
+    gate, up = gate_up.chunk(2, dim=-1)
+    pairs = [(KERNELS.rms_norm(x, w, 1e-6), rms_norm(x, w, 1e-6)),
+             (KERNELS.rms_norm(h, w, 1e-6, residual=res), rms_norm(x + res, w, 1e-6)),
+             (KERNELS.silu_mul(gate_up), F.silu(gate) * up)]
+    assert torch.equal(h, x + res)  # the residual stream, updated in place
+    for got, want in pairs:
+        torch.testing.assert_close(got, want, **tol)
+        if dtype == torch.bfloat16:  # same roundings: bit-equal but for rare flips
+            assert (got != want).float().mean() < 0.01
+    with pytest.raises(ValueError, match="one dtype"):
+        KERNELS.rms_norm(x, w.double(), 1e-6)
+    with pytest.raises(ValueError, match="contiguous"):
+        KERNELS.rms_norm(x.t(), w[:37], 1e-6, residual=res.t())
 
 
 @needs_kernels

@@ -58,6 +58,7 @@ class Engine:
         # handed `kernels` may use them for the whole run.
         use_kernels = config.cpu_kernels and self.device.type == "cpu" and self.dtype in KERNEL_DTYPES
         kernels = load_cpu_kernels() if use_kernels else None
+        model.kernels = kernels
         self.runner = ModelRunner(model, self.num_blocks, config.block_size, self.dtype, self.device,
                                   make_backend(config.attention, kernels))
         self.sampler = Sampler(kernels)

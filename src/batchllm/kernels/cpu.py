@@ -24,7 +24,7 @@ import torch
 from batchllm.config import cache_dir
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "decode.c", HERE / "prefill.c", HERE / "argmax.c"]  # built into one library
+SOURCES = [HERE / "decode.c", HERE / "prefill.c", HERE / "norm.c", HERE / "argmax.c"]  # built into one library
 HEADERS = [HERE / "common.h", HERE / "pool.h", HERE / "pool_avx512.h"]
 # NOTE: -march=native: the library is built on the machine that runs it (the CPU's flags are in
 # the cache key). -fopenmp links libgomp.so.1, the soname torch's own OpenMP runtime has, so the
@@ -49,6 +49,36 @@ class CpuKernels:
     def handles(x: torch.Tensor) -> bool:
         """True for the tensors the kernels take: float32 or bfloat16 on the CPU."""
         return x.device.type == "cpu" and x.dtype in DTYPES
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+        """RMSNorm of the rows of x [rows, n] as transformers computes it (float32 statistics,
+        rounded to x's dtype, times `weight` in that dtype). With `residual`, x += residual first,
+        in place (x must then be contiguous): the residual stream of a decoder layer."""
+        if x.dtype not in DTYPES or weight.dtype != x.dtype or (residual is not None and residual.dtype != x.dtype):
+            raise ValueError(f"rms_norm needs float32/bfloat16 tensors of one dtype, got {x.dtype}, {weight.dtype}")
+        if residual is not None and not x.is_contiguous():
+            raise ValueError("rms_norm adds the residual in place: x must be contiguous")
+        x = x.contiguous()
+        res = None if residual is None else residual.contiguous()
+        out = torch.empty_like(x)
+        n = x.shape[-1]
+        self.lib.rms_norm(x.data_ptr(), None if res is None else res.data_ptr(), weight.contiguous().data_ptr(),
+                          out.data_ptr(), x.numel() // max(n, 1), n, eps, int(x.dtype == torch.bfloat16),
+                          torch.get_num_threads())
+        return out
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) * up of gate_up [rows, 2m] (gate first), each op rounded to the dtype as in
+        PyTorch -> [rows, m]."""
+        if gate_up.dtype not in DTYPES:
+            raise ValueError(f"silu_mul needs float32/bfloat16, got {gate_up.dtype}")
+        x = gate_up.contiguous()
+        m = x.shape[-1] // 2
+        out = torch.empty(*x.shape[:-1], m, dtype=x.dtype)
+        self.lib.silu_mul(x.data_ptr(), out.data_ptr(), x.numel() // max(2 * m, 1), m, int(x.dtype == torch.bfloat16),
+                          torch.get_num_threads())
+        return out
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """Index of each row's maximum, as `logits.argmax(-1)` (first maximum; first NaN if any):
@@ -232,6 +262,9 @@ def load_cpu_kernels(directory: Path | None = None, portable: bool = False) -> C
     lib.paged_prefill.argtypes = [ptr] * 3 + [i64, i64, ptr, i64] + [ptr] * 5 + [i64] * 4 + [
         ctypes.c_float, ctypes.c_int] + [ptr] * 4 + [i64, ctypes.c_int]
     lib.paged_prefill.restype = None
+    lib.rms_norm.argtypes = [ptr] * 4 + [i64, i64, ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    lib.silu_mul.argtypes = [ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_int]
+    lib.rms_norm.restype = lib.silu_mul.restype = None
     lib.argmax_rows.argtypes = [ptr, i64, i64, ctypes.c_int, ptr, ptr, ctypes.c_int]
     lib.argmax_rows.restype = None
     return CpuKernels(lib, out)

@@ -19,6 +19,7 @@ from torch import nn
 
 from batchllm.attention.backend import AttentionBackend
 from batchllm.attention.metadata import AttentionMetadata
+from batchllm.kernels.cpu import CpuKernels
 from batchllm.models.config import ModelConfig
 from batchllm.models.linear import can_pack, linear, pack
 
@@ -39,11 +40,12 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def attention_inputs(h: torch.Tensor, ln_w: torch.Tensor, eps: float, qkv_w: torch.Tensor,
                      qkv_b: torch.Tensor | None, q_norm_w: torch.Tensor | None, k_norm_w: torch.Tensor | None,
-                     cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
-                     head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Input norm, fused q/k/v projection, optional q/k norm and rope: q [n, heads, d], k/v [n, kvh, d]."""
+                     cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
+                     kernels: CpuKernels | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input norm, fused q/k/v projection, optional q/k norm and rope: q [n, heads, d], k/v [n, kvh, d].
+    With `kernels` the input norm is one C pass (`CpuKernels.rms_norm`)."""
     n = h.shape[0]
-    qkv = linear(rms_norm(h, ln_w, eps), qkv_w, qkv_b)
+    qkv = linear(rms_norm(h, ln_w, eps) if kernels is None else kernels.rms_norm(h, ln_w, eps), qkv_w, qkv_b)
     # NOTE: q and k are adjacent in the fused projection: one rope pass rotates both (2x faster
     # than two); q and k come back as views of that one tensor.
     qk = qkv[:, : (heads + kv_heads) * head_dim].view(n, heads + kv_heads, head_dim)
@@ -54,8 +56,14 @@ def attention_inputs(h: torch.Tensor, ln_w: torch.Tensor, eps: float, qkv_w: tor
 
 
 def attention_output_and_mlp(h: torch.Tensor, attn: torch.Tensor, o_w: torch.Tensor, ln_w: torch.Tensor,
-                             eps: float, gate_up_w: torch.Tensor, down_w: torch.Tensor) -> torch.Tensor:
-    """The rest of a layer: h + o_proj(attn), then the post-attention norm and the gated MLP residual."""
+                             eps: float, gate_up_w: torch.Tensor, down_w: torch.Tensor,
+                             kernels: CpuKernels | None = None) -> torch.Tensor:
+    """The rest of a layer: h + o_proj(attn), then the post-attention norm and the gated MLP residual.
+    With `kernels` the residual add + norm and SiLU(gate) * up are one C pass each (h, a fresh
+    tensor of the step, takes the residual in place)."""
+    if kernels is not None:
+        normed = kernels.rms_norm(h, ln_w, eps, residual=linear(attn, o_w))
+        return h + linear(kernels.silu_mul(linear(normed, gate_up_w)), down_w)
     h = h + linear(attn, o_w)
     gate, up = linear(rms_norm(h, ln_w, eps), gate_up_w).chunk(2, dim=-1)
     return h + linear(F.silu(gate).mul_(up), down_w)
@@ -130,6 +138,7 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(cfg, max_positions)
+        self.kernels: CpuKernels | None = None  # set by the engine: the C norm and activation passes
 
     def pack_linear_weights(self) -> int:
         """Replace the projection and LM head weights by their oneDNN-packed form where `can_pack`
@@ -160,12 +169,13 @@ class CausalLM(nn.Module):
                 h, layer.input_layernorm.weight, cfg.rms_norm_eps, at.qkv_proj.weight, at.qkv_proj.bias,
                 at.q_norm.weight if at.q_norm is not None else None,
                 at.k_norm.weight if at.k_norm is not None else None,
-                cos, sin, at.h, at.kvh, at.d)
+                cos, sin, at.h, at.kvh, at.d, self.kernels)
             k_cache, v_cache = kv_cache[i, 0], kv_cache[i, 1]
             k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
             v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
             attn = backend.forward(q, k_cache, v_cache, prepared, at.scale).reshape(n, at.h * at.d)
             h = attention_output_and_mlp(h, attn, at.o_proj.weight, layer.post_attention_layernorm.weight,
-                                         cfg.rms_norm_eps, layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight)
+                                         cfg.rms_norm_eps, layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight,
+                                         self.kernels)
         h = self.norm(h[logits_rows])
         return linear(h, self.lm_head.weight)
