@@ -125,7 +125,7 @@ def run_case(groups: int, members: int, prefix: int, dtype: torch.dtype, args: a
     # ref_pt is the all-PyTorch reference, timed too so both baselines stay visible.
     kernels = None if args.no_kernels else load_cpu_kernels()
     row = {"G": groups, "m": members, "L": prefix, "dtype": str(dtype).removeprefix("torch."),
-           "auto": select_backend(meta, kernels is not None)}
+           "auto": select_backend(meta, kernels is not None, prefill=kernels is None)}
     backends = {"ref": ReferenceAttention(kernels), "ps": PrefixSharedAttention(kernels)}
     if kernels is not None:
         backends["ref_pt"] = ReferenceAttention()
@@ -141,7 +141,7 @@ def run_case(groups: int, members: int, prefix: int, dtype: torch.dtype, args: a
         path = "prefix-shared" if n == "ps" else "reference"
         row[f"{n}_prep_ms"] = statistics.median(prep_t[n]) * 1e3
         row[f"{n}_ms"] = statistics.median(times[n]) * 1e3
-        row[f"{n}_MB"] = kv_bytes_read(meta, path, 1, bpt) / 1e6
+        row[f"{n}_MB"] = kv_bytes_read(meta, path, 1, bpt, decode_only=kernels is not None) / 1e6
         row[f"{n}_GBs"] = row[f"{n}_MB"] / row[f"{n}_ms"]  # MB/ms == GB/s
     ratios = [r / p for r, p in zip(times["ref"], times["ps"])]
     row["speedup"] = statistics.median(ratios)  # median of paired ratios (robust to load bursts)

@@ -157,7 +157,8 @@ def prefill_case(dtype: torch.dtype, heads: int, kvh: int, d: int, bs: int, seed
     causal chunk, one whose first queries see no key, one-query chunks; plus the expected output
     and lse, attention over each query's visible keys gathered from the pool."""
     gen = torch.Generator().manual_seed(seed)
-    sets = [(5 * bs + 3, [(7, 5 * bs + 3), (70, 5 * bs + 3), (1, 5 * bs + 3)]),  # (keys, [(queries, first limit)])
+    sets = [(5 * bs + 3, [(7, 5 * bs + 3), (0, 1), (70, 5 * bs + 3), (1, 5 * bs + 3), (0, 1)]),  # (keys, [(queries,
+            # first limit)]); empty chunks inside and at the end of a key set
             (2 * bs + 1, [(2 * bs + 1, 1)]), (3 * bs, [(bs + 2, 2 * bs - 1)]), (9, [(4, -2)]), (1, [(1, 1)])]
     nblocks = 120
     k_cache, v_cache = (torch.randn(kvh, nblocks * bs, d, generator=gen).to(dtype) for _ in range(2))
@@ -169,6 +170,8 @@ def prefill_case(dtype: torch.dtype, heads: int, kvh: int, d: int, bs: int, seed
     g = heads // kvh
     want, want_lse = torch.zeros(q.shape), torch.zeros(q.shape[:2])
     for c, (s, ql, l0) in enumerate(chunks):
+        if ql == 0:
+            continue
         n = sets[s][0]
         k, v = (gather_kv(x, torch.tensor(tables[s])[None], bs)[:, :, :n].transpose(0, 1) for x in (k_cache, v_cache))
         qc = q[rows[c]:rows[c] + ql].view(ql, kvh, g, d).permute(1, 0, 2, 3).reshape(1, kvh, ql * g, d)
@@ -209,12 +212,22 @@ def test_paged_prefill_matches_attention_over_the_visible_keys(dtype: torch.dtyp
 
 
 @needs_kernels
-def test_paged_prefill_rejects_a_wrong_output() -> None:
+def test_paged_prefill_rejects_what_it_cannot_read() -> None:
     args, *_ = prefill_case(torch.float32, 4, 2, 16, 4)
+    q, kc, vc, tables, klen, offsets, rows, qlen, lim, bs, scale = args
+    out = torch.full_like(q, 7.0)
     with pytest.raises(ValueError, match="contiguous out"):
-        KERNELS.paged_prefill(*args, out=torch.zeros_like(args[0]).bfloat16())
+        KERNELS.paged_prefill(*args, out=out.bfloat16())
     with pytest.raises(ValueError, match="float32"):
-        KERNELS.paged_prefill(*args, out=torch.zeros_like(args[0]), lse=torch.zeros(args[0].shape[:2]).double())
+        KERNELS.paged_prefill(*args, out=out, lse=torch.zeros(q.shape[:2]).double())
+    bad = {"key count": (tables, klen + tables.shape[1] * bs, offsets, rows, qlen),  # beyond the block table
+           "rows outside q": (tables, klen, offsets, rows + 2, qlen),
+           "in order": (tables, klen, offsets.flip(0), rows, qlen),
+           "disagree in size": (tables, klen, offsets[:-1], rows, qlen)}
+    for match, (t, kl, off, r, ql) in bad.items():
+        with pytest.raises(ValueError, match=match):
+            KERNELS.paged_prefill(q, kc, vc, t, kl, off, r, ql, lim, bs, scale, out=out)
+    assert out.eq(7).all()  # nothing written
 
 
 @needs_kernels

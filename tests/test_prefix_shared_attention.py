@@ -77,7 +77,8 @@ def compare(meta: AttentionMetadata, heads: int, kvh: int, d: int, dtype: torch.
     others = [PrefixSharedAttention()]
     if KERNELS is not None:
         others += [PrefixSharedAttention(KERNELS), PrefixSharedAttention(KERNELS, share_prefill=False),
-                   ReferenceAttention(KERNELS)]
+                   PrefixSharedAttention(KERNELS, prefill_in_c=False), ReferenceAttention(KERNELS),
+                   ReferenceAttention(KERNELS, prefill_in_c=False)]
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for be in others:
         got = be.forward(q, k, v, be.prepare(meta), scale)
@@ -168,10 +169,13 @@ def test_auto_selection() -> None:
     # members' prefill chunks: shared on the PyTorch path; with kernels only decode queries count
     pre = make_step(rng, [(1008 // 16, [(100, 50)] * 16)], [], bs=16)
     assert saved_tokens(pre) == 14 * 1008 and saved_tokens(pre, decode_only=True) == 0
-    assert should_share(pre) and not should_share(pre, kernels=True)
+    assert should_share(pre) and should_share(pre, kernels=True) and not should_share(pre, kernels=True, prefill=False)
     if KERNELS is not None:
         assert not AutoAttention("auto", KERNELS).backends["prefix-shared"].share_prefill
+        assert AutoAttention("auto", KERNELS).prepare(pre).path == "reference"
         assert AutoAttention("prefix-shared", KERNELS).backends["prefix-shared"].share_prefill
+        slow = AutoAttention("auto", KERNELS, prefill_in_c=False)  # no fast C prefill: PyTorch, shared
+        assert slow.backends["prefix-shared"].share_prefill and slow.prepare(pre).path == "prefix-shared"
     assert AutoAttention("auto").backends["prefix-shared"].share_prefill
     assert AutoAttention("reference").prepare(big).path == "reference"
     assert AutoAttention("prefix-shared").prepare(small).path == "prefix-shared"

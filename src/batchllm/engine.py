@@ -60,7 +60,7 @@ class Engine:
         kernels = load_cpu_kernels() if use_kernels else None
         model.kernels = kernels
         self.runner = ModelRunner(model, self.num_blocks, config.block_size, self.dtype, self.device,
-                                  make_backend(config.attention, kernels))
+                                  make_backend(config.attention, kernels, mc.head_dim))
         self.sampler = Sampler(kernels)
 
     @property

@@ -169,14 +169,16 @@ class PrefixSharedAttention:
     members' prefill chunks over their prefix and all own prefill pieces (`paged_prefill`, one
     call each); the log-sum-exp merge of prefill rows stays in PyTorch. With `share_prefill`
     False, members' prefill chunks are attended per sequence instead, like every other prefill
-    chunk (see SHARE_PREFILL_WITH_KERNELS). Without kernels, the backend is PyTorch only.
+    chunk (see SHARE_PREFILL_WITH_KERNELS). With `prefill_in_c` False (no fast C path for the
+    head size) prefill goes the PyTorch way. Without kernels, the backend is PyTorch only.
     """
 
     name = "prefix-shared"
 
-    def __init__(self, kernels: CpuKernels | None = None, share_prefill: bool = True) -> None:
+    def __init__(self, kernels: CpuKernels | None = None, share_prefill: bool = True, prefill_in_c: bool = True) -> None:
         self.kernels = kernels
         self.share_prefill = share_prefill
+        self.prefill_in_c = prefill_in_c
 
     def prepare(self, meta: AttentionMetadata) -> PrefixSharedPrepared:
         bs, dev = meta.block_size, meta.device
@@ -191,7 +193,8 @@ class PrefixSharedAttention:
             decodes_in_c = [(b, m) for b, m in decodes_in_c if m]
         # With kernels and share_prefill off, members' prefill chunks attend their whole block
         # table in one pass, as the reference backend does (SHARE_PREFILL_WITH_KERNELS).
-        groups = {b: m for b, m in groups.items() if m and (self.share_prefill or not in_c)}
+        prefill_c = in_c and self.prefill_in_c
+        groups = {b: m for b, m in groups.items() if m and (self.share_prefill or not prefill_c)}
         for members in [m for _, m in decodes_in_c] + list(groups.values()):
             for i in members:
                 shared[i] = meta.shared_lens[i]
@@ -217,7 +220,7 @@ class PrefixSharedAttention:
                 torch.tensor([len(b) * bs for b, _ in decodes_in_c], device=dev),
                 pad_rows([own_blocks[i] for i in seqs], dev), torch.tensor([own_lens[i] for i in seqs], device=dev))
         prefills = [i for i, n in enumerate(meta.query_lens) if n > 1]
-        if in_c:  # one key set per group prefix (members' chunks see all of it), one per own piece (causal)
+        if prefill_c:  # one key set per group prefix (members' chunks see all of it), one per own piece (causal)
             if groups:
                 prepared.prefix_chunks = prefill_chunks(
                     [(list(b), len(b) * bs, [(meta.query_starts[i], meta.query_lens[i], len(b) * bs) for i in m])
@@ -336,45 +339,49 @@ class PrefixSharedAttention:
 
 def saved_tokens(meta: AttentionMetadata, decode_only: bool = False) -> int:
     """KV tokens per layer the shared path does not read: about (members - 1) * prefix per group
-    (`decode_only`: counting only members' decode queries, the ones it shares with kernels)."""
+    (`decode_only`: as the C kernels share, members' decode queries only, the prefix read once per
+    SHARED_DECODE_MEMBERS of them)."""
     return _kv_tokens(meta, "reference") - _kv_tokens(meta, "prefix-shared", decode_only)
 
 
-def should_share(meta: AttentionMetadata, kernels: bool = False) -> bool:
+def should_share(meta: AttentionMetadata, kernels: bool = False, prefill: bool = True) -> bool:
     """True when the step's groups share enough KV reads for the shared path to pay off
-    (`kernels`: the C kernels are in use, which moves the threshold and, unless
-    SHARE_PREFILL_WITH_KERNELS, counts decode queries only)."""
-    if kernels:
-        return saved_tokens(meta, decode_only=not SHARE_PREFILL_WITH_KERNELS) >= MIN_SAVED_TOKENS_KERNELS
-    return saved_tokens(meta) >= MIN_SAVED_TOKENS
+    (`kernels`: the C kernels are in use, which moves the threshold; `prefill` False: the shared
+    path shares decode queries only, so only those count)."""
+    saved = saved_tokens(meta, decode_only=not prefill)
+    return saved >= (MIN_SAVED_TOKENS_KERNELS if kernels else MIN_SAVED_TOKENS)
 
 
-def select_backend(meta: AttentionMetadata, kernels: bool = False) -> str:
+def select_backend(meta: AttentionMetadata, kernels: bool = False, prefill: bool = True) -> str:
     """"prefix-shared" or "reference" for this step, by `should_share`."""
-    return "prefix-shared" if should_share(meta, kernels) else "reference"
+    return "prefix-shared" if should_share(meta, kernels, prefill) else "reference"
 
 
 def _kv_tokens(meta: AttentionMetadata, path: str, decode_only: bool = False) -> int:
     tokens = sum(meta.context_lens)
     if path == "prefix-shared":
         for blocks, members in _groups(meta).items():
-            if decode_only:
+            if decode_only:  # shared_decode: SHARED_DECODE_MEMBERS decode queries per prefix read
                 members = [i for i in members if meta.query_lens[i] == 1]
-            reads = -(-sum(meta.query_lens[i] for i in members) // MAX_ROWS)  # row pieces
+                reads = -(-len(members) // SHARED_DECODE_MEMBERS)
+            else:  # the PyTorch passes: MAX_ROWS stacked query rows per prefix read
+                reads = -(-sum(meta.query_lens[i] for i in members) // MAX_ROWS)
             tokens -= (len(members) - reads) * len(blocks) * meta.block_size
     elif path != "reference":
         raise ValueError(f"unknown path {path!r}")
     return tokens
 
 
-def kv_bytes_read(meta: AttentionMetadata, path: str, num_layers: int, bytes_per_token_per_layer: int) -> int:
+def kv_bytes_read(meta: AttentionMetadata, path: str, num_layers: int, bytes_per_token_per_layer: int,
+                  decode_only: bool = False) -> int:
     """KV bytes one step reads on `path` (real tokens only; padding to the null block not counted).
 
     reference: every sequence reads its whole context. prefix-shared: each group prefix once
     (once per MAX_ROWS stacked query rows, which only prefill-heavy groups exceed), plus every
-    sequence's own part. `bytes_per_token_per_layer` = 2 * kv_heads * head_dim * element size.
+    sequence's own part; `decode_only` as in `saved_tokens`. `bytes_per_token_per_layer` = 2 *
+    kv_heads * head_dim * element size.
     """
-    return _kv_tokens(meta, path) * num_layers * bytes_per_token_per_layer
+    return _kv_tokens(meta, path, decode_only) * num_layers * bytes_per_token_per_layer
 
 
 @dataclass
@@ -389,24 +396,28 @@ class AutoAttention:
     """Backend that picks the reference or prefix-shared path per step (`mode="auto"`) or forces one.
 
     The decision is made in `prepare`, returned as `AutoPrepared.path` and kept in `last_path`.
-    `kernels` (CPU) go to both backends; then, under `auto`, the prefix-shared one shares decode
+    `kernels` (CPU) go to both backends, with prefill in C where `prefill_in_c` (the engine passes
+    `CpuKernels.fast_prefill(head_dim)`); then, under `auto`, the prefix-shared one shares decode
     queries only (SHARE_PREFILL_WITH_KERNELS).
     """
 
     name = "auto"
 
-    def __init__(self, mode: Mode = "auto", kernels: CpuKernels | None = None) -> None:
+    def __init__(self, mode: Mode = "auto", kernels: CpuKernels | None = None, prefill_in_c: bool = True) -> None:
         if mode not in ("auto", "prefix-shared", "reference"):
             raise ValueError(f"unknown attention mode {mode!r}")
         self.mode = mode
-        share_prefill = mode == "prefix-shared" or kernels is None or SHARE_PREFILL_WITH_KERNELS
-        self.backends: dict[str, Any] = {"reference": ReferenceAttention(kernels),
-                                         "prefix-shared": PrefixSharedAttention(kernels, share_prefill)}
+        prefill_in_c = prefill_in_c and kernels is not None
+        share_prefill = mode == "prefix-shared" or not prefill_in_c or SHARE_PREFILL_WITH_KERNELS
+        self.backends: dict[str, Any] = {
+            "reference": ReferenceAttention(kernels, prefill_in_c),
+            "prefix-shared": PrefixSharedAttention(kernels, share_prefill, prefill_in_c)}
         self.kernels = kernels
         self.last_path: str | None = None
 
     def prepare(self, meta: AttentionMetadata) -> AutoPrepared:
-        path = select_backend(meta, self.kernels is not None) if self.mode == "auto" else self.mode
+        share_prefill = self.backends["prefix-shared"].share_prefill
+        path = select_backend(meta, self.kernels is not None, share_prefill) if self.mode == "auto" else self.mode
         self.last_path = path
         return AutoPrepared(path, self.backends[path].prepare(meta))
 

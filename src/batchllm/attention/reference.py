@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -47,7 +48,7 @@ class PrefillChunks:
     """Query chunks over key sets for the C kernel (`CpuKernels.paged_prefill`, which documents the
     fields): key set s is keys 0 .. key_lens[s]-1 of block table key_tables[s] and owns chunks
     offsets[s] .. offsets[s+1]-1; chunk c is lens[c] queries from flat row rows[c], its query j
-    seeing keys 0 .. limits[c]+j-1. `real_rows`: the flat rows the chunks cover, in order."""
+    seeing keys 0 .. limits[c]+j-1 (clamped to 0 .. key_lens[s])."""
 
     key_tables: torch.Tensor
     key_lens: torch.Tensor
@@ -55,7 +56,12 @@ class PrefillChunks:
     rows: torch.Tensor
     lens: torch.Tensor
     limits: torch.Tensor
-    real_rows: torch.Tensor
+
+    @functools.cached_property
+    def real_rows(self) -> torch.Tensor:
+        """The flat rows the chunks cover, in order (built once, on first use)."""
+        return torch.cat([torch.arange(r, r + n, device=self.rows.device)
+                          for r, n in zip(self.rows.tolist(), self.lens.tolist())])
 
 
 def prefill_chunks(key_sets: list[tuple[list[int], int, list[tuple[int, int, int]]]],
@@ -72,8 +78,7 @@ def prefill_chunks(key_sets: list[tuple[list[int], int, list[tuple[int, int, int
         return torch.tensor(xs, dtype=torch.long, device=dev)
 
     return PrefillChunks(pad_rows([b for b, _, _ in key_sets], dev), longs([n for _, n, _ in key_sets]), longs(offsets),
-                         longs([c[0] for c in chunks]), longs([c[1] for c in chunks]), longs([c[2] for c in chunks]),
-                         longs([r for c in chunks for r in range(c[0], c[0] + c[1])]))
+                         longs([c[0] for c in chunks]), longs([c[1] for c in chunks]), longs([c[2] for c in chunks]))
 
 
 def attend_chunks(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, chunks: PrefillChunks,
@@ -308,14 +313,15 @@ def attend_bucket(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 class ReferenceAttention:
     """Decode queries batched in one padded gather + matmul; prefill chunks in padded buckets.
 
-    With `kernels` (CPU only) decode queries (`paged_decode`) and prefill chunks (`paged_prefill`)
-    read the pool in C, with no gathered copy; without, the whole backend is PyTorch.
+    With `kernels` (CPU only) decode queries (`paged_decode`) and, with `prefill_in_c`, prefill
+    chunks (`paged_prefill`) read the pool in C, with no gathered copy; the rest is PyTorch.
     """
 
     name = "reference"
 
-    def __init__(self, kernels: CpuKernels | None = None) -> None:
+    def __init__(self, kernels: CpuKernels | None = None, prefill_in_c: bool = True) -> None:
         self.kernels = kernels
+        self.prefill_in_c = prefill_in_c
 
     def prepare(self, meta: AttentionMetadata) -> ReferencePrepared:
         dev, bs = meta.device, meta.block_size
@@ -324,7 +330,7 @@ class ReferenceAttention:
         lens = torch.tensor([meta.context_lens[i] for i in decode], dtype=torch.long, device=dev)
         rows = torch.tensor([meta.query_starts[i] for i in decode], dtype=torch.long, device=dev)
         pre = [i for i, q in enumerate(meta.query_lens) if q > 1]
-        if self.kernels is not None and dev.type == "cpu":
+        if self.kernels is not None and self.prefill_in_c and dev.type == "cpu":
             sets = [(meta.block_tables[i], meta.context_lens[i],
                      [(meta.query_starts[i], meta.query_lens[i], meta.context_lens[i] - meta.query_lens[i] + 1)])
                     for i in pre]

@@ -31,6 +31,9 @@ HEADERS = [HERE / "common.h", HERE / "pool.h", HERE / "pool_avx512.h"]
 # kernels share torch's thread pool instead of starting a second one that competes for cores.
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 DTYPES = (torch.float32, torch.bfloat16)  # what the kernels read and write
+_PREFILL_ERRORS = {1: "chunk_offsets must run from 0 to the number of chunks, in order",
+                   2: "a chunk has a negative length or rows outside q",
+                   3: "a key count is negative or beyond its block table", 4: "out of memory"}
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,11 @@ class CpuKernels:
     def avx512_decode(self) -> bool:
         """Whether `paged_decode` runs its AVX-512 path for head sizes 64 and 128."""
         return bool(self.lib.avx512_decode())
+
+    def fast_prefill(self, head_dim: int) -> bool:
+        """Whether `paged_prefill` has a fast (AVX-512) path for `head_dim`; elsewhere it runs one
+        query row at a time and PyTorch's matmul / flash attention is several times faster."""
+        return self.avx512_decode and head_dim in (64, 128)
 
     @staticmethod
     def handles(x: torch.Tensor) -> bool:
@@ -162,12 +170,14 @@ class CpuKernels:
         """Attention of query chunks over key sets straight from the paged pool, into `out`/`lse`.
 
         Key set s: keys 0 .. key_lens[s]-1 of block table key_tables[s] ([S, nb], padded); its
-        chunks are chunk_offsets[s] .. chunk_offsets[s+1]-1 ([S+1]). Chunk c: chunk_lens[c] >= 1
-        queries at flat rows chunk_rows[c] .. of q [N, H, d]; its query j sees keys 0 ..
-        min(key_lens[s], chunk_limits[c] + j) - 1 (causal at positions p..: limit p + 1; all keys:
-        key_lens[s]). Writes those rows of out [N, H, d] (q's dtype, contiguous) and of lse [N, H]
-        float32 if given; a query that sees no key gets 0 and -inf. Pool and dtypes as
-        `paged_decode`.
+        chunks are chunk_offsets[s] .. chunk_offsets[s+1]-1 ([S+1]). Chunk c: chunk_lens[c]
+        queries (0: none) at flat rows chunk_rows[c] .. of q [N, H, d]; its query j sees keys 0 ..
+        min(key_lens[s], chunk_limits[c] + j) - 1, none if that is below 1 (causal at positions
+        p..: limit p + 1; all keys: key_lens[s]). Writes those rows of out [N, H, d] (q's dtype,
+        contiguous) and of lse [N, H] float32 if given; a query that sees no key gets 0 and -inf.
+        Pool and dtypes as `paged_decode`. Raises ValueError, writing nothing, when the offsets
+        do not run 0 .. C in order, a chunk's rows fall outside q, or a key count is negative or
+        more than its block table holds.
         """
         self._check_pool(q, k_cache, v_cache)
         n, heads, d = q.shape
@@ -182,25 +192,29 @@ class CpuKernels:
         s = klen.numel()
         if s == 0 or rows.numel() == 0:
             return
+        if off.numel() != s + 1 or qlen.numel() != rows.numel() or lim.numel() != rows.numel() or kbt.shape[0] != s:
+            raise ValueError("paged_prefill: key_tables [S, nb], key_lens [S], chunk_offsets [S+1] and chunk_rows, "
+                             "chunk_lens, chunk_limits [C] disagree in size")
         threads = torch.get_num_threads()
-        nmax = kbt.shape[1] * block_size
         is_bf16 = int(q.dtype == torch.bfloat16)
-        wsize = self.lib.prefill_work(heads, kvh, nmax)
+        wsize = self.lib.prefill_work(heads, kvh, kbt.shape[1] * block_size)
         work = torch.empty(threads, wsize, dtype=torch.float32)
-        kpack = torch.empty(max(1, self.lib.prefill_pack(s, kvh, d, is_bf16, nmax)), dtype=torch.int32)
-        self.lib.paged_prefill(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots, s, kbt.data_ptr(),
-                               kbt.shape[1], klen.data_ptr(), off.data_ptr(), rows.data_ptr(), qlen.data_ptr(),
-                               lim.data_ptr(), heads, kvh, d, block_size, scale, is_bf16, out.data_ptr(),
-                               None if lse is None else lse.data_ptr(), kpack.data_ptr(), work.data_ptr(), wsize,
-                               threads)
+        kpack = torch.empty(max(1, self.lib.prefill_pack(klen.data_ptr(), s, kvh, d, is_bf16)), dtype=torch.int32)
+        err = self.lib.paged_prefill(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots, s, kbt.data_ptr(),
+                                     kbt.shape[1], klen.data_ptr(), off.data_ptr(), rows.numel(), rows.data_ptr(),
+                                     qlen.data_ptr(), lim.data_ptr(), n, heads, kvh, d, block_size, scale, is_bf16,
+                                     out.data_ptr(), None if lse is None else lse.data_ptr(), kpack.data_ptr(),
+                                     work.data_ptr(), wsize, threads)
+        if err:
+            raise (MemoryError if err == 4 else ValueError)("paged_prefill: " + _PREFILL_ERRORS[err])
 
     @staticmethod
     def _check_pool(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         if q.dtype not in DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-            raise ValueError(f"decode kernels need float32/bfloat16 q and pool of one dtype, got {q.dtype}, "
+            raise ValueError(f"attention kernels need float32/bfloat16 q and pool of one dtype, got {q.dtype}, "
                              f"{k_cache.dtype}, {v_cache.dtype}")
         if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-            raise ValueError("decode kernels need contiguous KV caches")
+            raise ValueError("attention kernels need contiguous KV caches")
 
 
 def _cpu_signature() -> str:
@@ -258,10 +272,10 @@ def load_cpu_kernels(directory: Path | None = None, portable: bool = False) -> C
         ctypes.c_float, ctypes.c_int, i64, ptr, ptr, i64, ctypes.c_int]
     lib.shared_decode.restype = None
     lib.prefill_work.argtypes, lib.prefill_work.restype = [i64] * 3, i64
-    lib.prefill_pack.argtypes, lib.prefill_pack.restype = [i64, i64, i64, ctypes.c_int, i64], i64
-    lib.paged_prefill.argtypes = [ptr] * 3 + [i64, i64, ptr, i64] + [ptr] * 5 + [i64] * 4 + [
+    lib.prefill_pack.argtypes, lib.prefill_pack.restype = [ptr, i64, i64, i64, ctypes.c_int], i64
+    lib.paged_prefill.argtypes = [ptr] * 3 + [i64, i64, ptr, i64, ptr, ptr, i64] + [ptr] * 3 + [i64] * 5 + [
         ctypes.c_float, ctypes.c_int] + [ptr] * 4 + [i64, ctypes.c_int]
-    lib.paged_prefill.restype = None
+    lib.paged_prefill.restype = ctypes.c_int
     lib.rms_norm.argtypes = [ptr] * 4 + [i64, i64, ctypes.c_float, ctypes.c_int, ctypes.c_int]
     lib.silu_mul.argtypes = [ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_int]
     lib.rms_norm.restype = lib.silu_mul.restype = None

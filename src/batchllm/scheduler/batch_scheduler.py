@@ -33,6 +33,12 @@ class BatchScheduler(Scheduler):
         self.memory_centric = memory_centric
         self.limit_blocks = int(kv_threshold * block_manager.num_blocks)
         self._by_gid = {g.gid: g for g in self.groups}
+        # per group: its largest member's own part, and the own parts of its MEMBERS_WITH_PREFIX smallest
+        self._max_own = {g.gid: max(self._own_need(m, g) for m in g.members) for g in self.groups}
+        self._first_members = {g.gid: sum(sorted(self._own_need(m, g) for m in g.members)[:MEMBERS_WITH_PREFIX])
+                               for g in self.groups}
+        self._live: dict[int, GroupState] = {}  # started groups whose prefix is pinned
+        self._pinned = 0  # blocks of their prefixes (at full length)
         self._check_fits()
 
     # ---- memory rules -----------------------------------------------------------------------
@@ -48,7 +54,7 @@ class BatchScheduler(Scheduler):
         """Raise ValueError before running if some group's prefix plus one member cannot fit."""
         for g in self.groups:
             prefix = self.bm.blocks_for(g.prefix_len) if g.prefix is not None else 0
-            need = prefix + max(self._own_need(m, g) for m in g.members)
+            need = prefix + self._max_own[g.gid]
             if need > self.bm.num_blocks:
                 raise ValueError(
                     f"KV pool too small: group {g.gid} needs {need} blocks for its {g.prefix_len}-token "
@@ -59,22 +65,17 @@ class BatchScheduler(Scheduler):
     def _reserve_blocks(self) -> int:
         return sum(max(0, self._final_blocks(s) - len(s.block_table)) for s in self.running if not s.is_prefix)
 
-    def _live_prefix_blocks(self, extra: GroupState | None = None) -> int:
-        """Blocks of the prefixes pinned by started groups still alive (plus `extra`'s)."""
-        return sum(self.bm.blocks_for(x.prefix_len) for x in self.groups
-                   if x.prefix is not None and x.alive > 0 and (x.started or x is extra))
-
     def _prefixes_fit(self, g: GroupState) -> bool:
         """Starting `g`'s prefix keeps every started sequence runnable: the prefixes pinned so far,
         plus `g`'s, plus the largest own part of any member of their groups or of any running or
         preempted sequence fit in the pool. Pinned prefixes are never preempted, so then any one
         of those sequences can always run to the end once the others are preempted."""
-        live = [x for x in self.groups if x.prefix is not None and x.alive > 0 and (x.started or x is g)]
-        started = [s for s in (*self.running, *self.waiting.preempted) if not s.is_prefix]
-        member = max([self._own_need(m, x) for x in live for m in x.members] +
-                     [self._own_need(s, self._by_gid[s.group_id]) for s in started if s.group_id in self._by_gid] +
-                     [self._final_blocks(s) for s in started if s.group_id not in self._by_gid])
-        return self._live_prefix_blocks(g) + member <= self.bm.num_blocks
+        started = [x for x in (*self.running, *self.waiting.preempted) if not x.is_prefix]
+        member = max([self._max_own[x] for x in (*self._live, g.gid)] +
+                     [self._own_need(x, self._by_gid[x.group_id]) if x.group_id in self._by_gid else self._final_blocks(x)
+                      for x in started])
+        pinned = self._pinned + (0 if g.gid in self._live else self.bm.blocks_for(g.prefix_len))
+        return pinned + member <= self.bm.num_blocks
 
     def _admission_ok(self, seq: Sequence, n: int) -> bool:
         # NOTE: the prefix rules hold with or without memory-centric admission: pinned prefixes are
@@ -82,14 +83,13 @@ class BatchScheduler(Scheduler):
         if seq.is_prefix and not self._prefixes_fit(self._by_gid[seq.group_id]):
             return False
         if (not seq.is_prefix and seq.group_id not in self._by_gid
-                and self._live_prefix_blocks() + self._final_blocks(seq) > self.bm.num_blocks):
+                and self._pinned + self._final_blocks(seq) > self.bm.num_blocks):
             return False  # an ungrouped sequence waits until enough prefixes are released
         if not self.memory_centric or not self.running:
             return True  # the allocation itself decides (and an idle engine always admits)
         g = self._by_gid.get(seq.group_id)
         if seq.is_prefix:
-            members = sorted((self._own_need(m, g) for m in g.members))[:MEMBERS_WITH_PREFIX]
-            need = len(seq.block_table) + self.bm.blocks_for(seq.num_tokens) + sum(members)
+            need = len(seq.block_table) + self.bm.blocks_for(seq.num_tokens) + self._first_members[g.gid]
         else:
             need = max(0, self._final_blocks(seq) - len(seq.block_table))
         return self.bm.num_used_blocks + self._reserve_blocks() + need <= self.limit_blocks
@@ -116,6 +116,14 @@ class BatchScheduler(Scheduler):
             return None
         return [(g.prefix.block_table[full], seq.block_table[full])]
 
+    def _admitted(self, seq: Sequence) -> None:
+        # NOTE: a prefix still prefilling can preempt itself when nothing else can make room, and
+        # comes back later: it is pinned once.
+        if seq.is_prefix and seq.group_id not in self._live:
+            g = self._by_gid[seq.group_id]
+            self._live[g.gid] = g
+            self._pinned += self.bm.blocks_for(g.prefix_len)
+
     def after_step(self, out: SchedulerOutput) -> None:
         for seq in out.seqs:
             if seq.is_prefix and seq.num_computed_tokens == seq.num_tokens and seq in self.running:
@@ -129,3 +137,5 @@ class BatchScheduler(Scheduler):
         g.alive -= 1
         if g.alive == 0 and g.prefix is not None:
             self.bm.free(g.prefix)
+            del self._live[g.gid]
+            self._pinned -= self.bm.blocks_for(g.prefix_len)

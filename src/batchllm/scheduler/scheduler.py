@@ -131,6 +131,7 @@ class Scheduler:
             self.waiting.pop(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            self._admitted(seq)
             out.copies.extend(copies)
             out.add(seq, n)
             budget -= n
@@ -141,6 +142,9 @@ class Scheduler:
         if cached:
             self.bm.adopt_cached(seq, cached)
         return []
+
+    def _admitted(self, seq: Sequence) -> None:
+        """Hook after `seq` joined the running sequences."""
 
     def _admit_undo(self, seq: Sequence) -> None:
         self.bm.free(seq)
