@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from batchllm import LLM, SamplingParams
@@ -417,8 +417,18 @@ def reference_llm(llama_dir: Path) -> LLM:
     return LLM(str(llama_dir), dtype="float32", num_kv_blocks=POOL, policy="fcfs")
 
 
+# A prefix still prefilling that preempts itself (nothing else can make room) and comes back.
+_P, _Q = [817, 592, 846, 87, 501, 785, 272, 42, 5, 154, 683, 605, 486], [993, 782, 757, 387, 332, 793, 27]
+_SELF_PREEMPTING_PREFIX = (
+    [_P + [751, 276], _P + [721, 829], [827], _P + _Q + [284], _P + _Q + [826],
+     _P + _Q + [207, 752, 898, 428, 937, 556, 557, 703, 101, 202, 581, 571], _P + [751, 276], _P + _Q + [505]],
+    [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (3, 5, 2, 1, 1, 1, 1, 1)])
+
+
 @settings(max_examples=150, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@example(work=_SELF_PREEMPTING_PREFIX, config=dict(policy="batchllm", memory_centric=False), block_size=16, budget=8,
+         extra=2)
 @given(work=workloads(), config=st.sampled_from(CONFIGS), block_size=st.sampled_from([4, 8, 16]),
        budget=st.sampled_from([8, 32, 2048]), extra=st.integers(0, 6))
 def test_random_workloads_in_tight_pools(llama_dir: Path, reference_llm: LLM, work: tuple, config: dict,
