@@ -30,6 +30,10 @@ class BlockManager:
         self._hash_to_block: dict[int, int] = {}
         self._block_to_hash: dict[int, int] = {}
         self._evictable: OrderedDict[int, None] = OrderedDict()  # ref 0, cached; LRU first
+        # NOTE: per sequence, the hash chain of its leading full blocks, extended as it grows: a
+        # sequence's tokens are only ever appended to, so a computed hash stays valid, and the lpm
+        # queue's every look at 128 waiting prompts costs dictionary lookups, not rehashing.
+        self._seq_hashes: dict[int, list[int]] = {}
 
     # ---- accounting -------------------------------------------------------------------------
     @property
@@ -90,21 +94,24 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         """Release every block of `seq` and forget its KV (finish or preemption)."""
+        self._seq_hashes.pop(seq.seq_id, None)
         self.release(seq.block_table)
         seq.block_table = []
         seq.num_shared_blocks = 0
         seq.num_computed_tokens = 0
 
     # ---- automatic prefix cache (fcfs-lru / lpm) ---------------------------------------------
-    def _chain_hashes(self, token_ids: list[int], num_blocks: int) -> list[int]:
-        hashes, h, bs = [], 0, self.block_size
-        for i in range(num_blocks):
-            h = hash((h, tuple(token_ids[i * bs:(i + 1) * bs])))
+    def _chain_hashes(self, seq: Sequence, num_blocks: int) -> list[int]:
+        """Hashes of `seq`'s first `num_blocks` blocks, each over its tokens and the previous hash."""
+        hashes, bs = self._seq_hashes.setdefault(seq.seq_id, []), self.block_size
+        h = hashes[-1] if hashes else 0
+        for i in range(len(hashes), num_blocks):
+            h = hash((h, tuple(seq.token_ids[i * bs:(i + 1) * bs])))
             hashes.append(h)
-        return hashes
+        return hashes[:num_blocks]
 
-    def cached_prefix_blocks(self, token_ids: list[int]) -> list[int]:
-        """Cached blocks matching the longest block-aligned prefix of `token_ids`.
+    def cached_prefix_blocks(self, seq: Sequence) -> list[int]:
+        """Cached blocks matching the longest block-aligned prefix of `seq`'s tokens.
 
         NOTE: at most (len - 1) // block_size blocks: the last token is always computed, so the
         sequence has a query to sample from.
@@ -112,7 +119,7 @@ class BlockManager:
         if not self.enable_caching:
             return []
         blocks = []
-        for h in self._chain_hashes(token_ids, (len(token_ids) - 1) // self.block_size):
+        for h in self._chain_hashes(seq, (seq.num_tokens - 1) // self.block_size):
             block = self._hash_to_block.get(h)
             if block is None:
                 break
@@ -132,7 +139,7 @@ class BlockManager:
         if not self.enable_caching:
             return
         full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
-        for block, h in zip(seq.block_table[:full], self._chain_hashes(seq.token_ids, full)):
+        for block, h in zip(seq.block_table[:full], self._chain_hashes(seq, full)):
             if block not in self._block_to_hash and h not in self._hash_to_block:
                 self._block_to_hash[block] = h
                 self._hash_to_block[h] = block

@@ -60,7 +60,7 @@ class LpmQueue(FcfsQueue):
         for i, seq in enumerate(self._q):
             if i >= self.window:
                 break
-            n = len(self.bm.cached_prefix_blocks(seq.token_ids))
+            n = len(self.bm.cached_prefix_blocks(seq))
             if n > best_len:
                 best, best_len = seq, n
         return best

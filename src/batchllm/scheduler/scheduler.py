@@ -138,7 +138,7 @@ class Scheduler:
 
     def _admit_setup(self, seq: Sequence) -> list[tuple[int, int]] | None:
         """Attach KV `seq` can reuse (cached blocks); return block copies, or None to stop admitting."""
-        cached = self.bm.cached_prefix_blocks(seq.token_ids)
+        cached = self.bm.cached_prefix_blocks(seq)
         if cached:
             self.bm.adopt_cached(seq, cached)
         return []
