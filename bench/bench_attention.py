@@ -113,6 +113,28 @@ def wait_for_quiet(max_wait_s: float, threshold: float = 0.2, window_s: float = 
             return
 
 
+def bf16_peak(repeats: int = 5) -> float:
+    """FLOP/s of the best bf16 matrix product over a few shapes (the tiny model's gate/up projection
+    at 2,048 rows, a square 2,048): the ceiling of any attention path built, like the kernels, on
+    the bf16 dot-product instruction.
+    NOTE: no fp32 counterpart: torch's fp32 GEMM reaches less here than the C kernels' fp32 loops."""
+    best = 0.0
+    for m, k, n in ((2048, 512, 2816), (2048, 2048, 2048)):
+        a, b = torch.randn(m, k).to(torch.bfloat16), torch.randn(n, k).to(torch.bfloat16)
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            torch.nn.functional.linear(a, b)
+            best = max(best, 2 * m * k * n / (time.perf_counter() - t0))
+    return best
+
+
+def decode_flops(meta: AttentionMetadata, heads: int, d: int) -> int:
+    """Multiply-add FLOPs of a decode step's attention, one layer: every query head of every
+    sequence against each of its keys, for the scores and again for the values. Sharing a prefix
+    changes what is read, never this count."""
+    return 4 * heads * d * sum(meta.context_lens)
+
+
 def run_case(groups: int, members: int, prefix: int, dtype: torch.dtype, args: argparse.Namespace) -> dict:
     meta, nblocks = decode_step(groups, members, prefix, args.own, args.block_size)
     gen = torch.Generator().manual_seed(0)
@@ -143,6 +165,14 @@ def run_case(groups: int, members: int, prefix: int, dtype: torch.dtype, args: a
         row[f"{n}_ms"] = statistics.median(times[n]) * 1e3
         row[f"{n}_MB"] = kv_bytes_read(meta, path, 1, bpt, decode_only=kernels is not None) / 1e6
         row[f"{n}_GBs"] = row[f"{n}_MB"] / row[f"{n}_ms"]  # MB/ms == GB/s
+    flops = decode_flops(meta, args.heads, d)
+    for n in backends:
+        row[f"{n}_GFs"] = flops / row[f"{n}_ms"] / 1e6
+    # NOTE: both paths do the same multiply-adds, so no path can beat the step's FLOPs at the
+    # machine's matrix-product peak: `ceiling` is the largest speed-up over ref that is possible.
+    peak = args.bf16_peak if dtype == torch.bfloat16 else float("nan")
+    row["peak_GFs"] = peak / 1e9
+    row["ceiling"] = row["ref_ms"] / (flops / peak * 1e3)
     ratios = [r / p for r, p in zip(times["ref"], times["ps"])]
     row["speedup"] = statistics.median(ratios)  # median of paired ratios (robust to load bursts)
     row["vs_pt"] = statistics.median(r / p for r, p in zip(times.get("ref_pt", times["ref"]), times["ps"]))
@@ -154,7 +184,8 @@ def run_case(groups: int, members: int, prefix: int, dtype: torch.dtype, args: a
 
 COLS = [("G", "{:>3}"), ("m", "{:>3}"), ("L", "{:>5}"), ("dtype", "{:>8}"), ("kernels", "{:>7}"),
         ("ref_ms", "{:>8.3f}"), ("ps_ms", "{:>8.3f}"), ("speedup", "{:>7.2f}"), ("vs_pt", "{:>6.2f}"), ("ref_MB", "{:>8.2f}"), ("ps_MB", "{:>7.2f}"),
-        ("ref_GBs", "{:>7.1f}"), ("ps_GBs", "{:>7.1f}"), ("ref_prep_ms", "{:>11.3f}"),
+        ("ref_GBs", "{:>7.1f}"), ("ps_GBs", "{:>7.1f}"), ("ref_GFs", "{:>7.0f}"), ("ps_GFs", "{:>6.0f}"),
+        ("peak_GFs", "{:>8.0f}"), ("ceiling", "{:>7.2f}"), ("ref_prep_ms", "{:>11.3f}"),
         ("ps_prep_ms", "{:>10.3f}"), ("auto", "{:>13}"), ("max_err", "{:>8.1e}"),
         ("spread", "{:>6.0%}"), ("stall", "{:>6.0%}"), ("sp_min", "{:>6.2f}"), ("sp_max", "{:>6.2f}")]
 
@@ -189,6 +220,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     keep_heap()  # NOTE: the engine's CPU allocator setting; without it gathers page-fault (2-4x slower)
     dtypes = [DTYPES[s] for s in args.dtypes.split(",")]
+    args.bf16_peak = bf16_peak()
     if args.sweep:
         cases = [(args.groups, m, L, dt) for dt in dtypes for L in (64, 256, 1000) for m in (1, 2, 4, 8, 16, 32)]
     else:
@@ -197,7 +229,9 @@ def main() -> None:
           f"block={args.block_size} threads={args.threads}; ms per forward (one layer), median of "
           f"{args.repeats} interleaved samples; speedup = median of paired ref/ps ratios; vs_pt = the same "
           f"against the all-PyTorch reference; MB = KV bytes "
-          f"read per layer-step; GB/s = MB / time; spread = worst (p75-p25)/median of the two (noise); "
+          f"read per layer-step; GB/s = MB / time; GF/s = attention GFLOP/s (both paths do the same "
+          f"multiply-adds); peak_GFs = this machine's bf16 matrix-product GFLOP/s; ceiling = the largest "
+          f"speedup over ref any bf16 path could reach (ref time / the FLOPs at that peak); spread = worst (p75-p25)/median of the two (noise); "
           f"stall = share of time other tasks waited for a core (load); sp_min/max = speedup range "
           f"over {args.rounds} round(s), each field is the median over rounds")
     # NOTE: rounds go over the whole case list, so a burst of background load hits one round of a
