@@ -15,9 +15,11 @@ void paged_decode(const void *q, const void *k_cache, const void *v_cache, int64
                   float scale, int is_bf16, void *out, float *lse, float *work, int threads) {
     const int64_t g = H / kvh, tmax = nb * bs, esize = is_bf16 ? 2 : 4;
     const Pool pl = {k_cache, v_cache, slots, bs};
-#pragma omp parallel for num_threads(threads) schedule(dynamic)
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
     for (int64_t task = 0; task < B * kvh; task++) {
         const int64_t b = task / kvh, kh = task % kvh, n = lens[b] < tmax ? lens[b] : tmax;
+        const int64_t nx = task + threads; /* this thread's next task: its KV is fetched while this one computes */
+        if (nx < B * kvh) prefetch_keys(&pl, nx % kvh, bt + nx / kvh * nb, lens[nx / kvh] < tmax ? lens[nx / kvh] : tmax, d, esize);
         float *scores = work + (int64_t)omp_get_thread_num() * g * tmax, res[g * d], l[g];
         const char *qrows[g];
         int64_t dst[g];
@@ -58,10 +60,13 @@ void shared_decode(const void *q, const void *k_cache, const void *v_cache, int6
     int64_t first[G + 1]; /* first task of each group */
     first[0] = 0;
     for (int64_t j = 0; j < G; j++) first[j + 1] = first[j] + (offs[j + 1] - offs[j] + mt - 1) / mt * kvh;
-#pragma omp parallel for num_threads(threads) schedule(dynamic)
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
     for (int64_t task = 0; task < first[G]; task++) {
         int64_t j = 0;
         while (first[j + 1] <= task) j++;
+        const int64_t nx = task + threads; /* this thread's next task: its prefix is fetched during the own parts */
+        int64_t jn = j;
+        while (nx < first[G] && first[jn + 1] <= nx) jn++;
         const int64_t kh = (task - first[j]) % kvh, m0 = offs[j] + (task - first[j]) / kvh * mt;
         const int64_t m1 = m0 + mt < offs[j + 1] ? m0 + mt : offs[j + 1], R = (m1 - m0) * g;
         const int64_t n = plens[j];
@@ -73,6 +78,7 @@ void shared_decode(const void *q, const void *k_cache, const void *v_cache, int6
             qrows[r] = (const char *)q + dst[r] * esize;
         }
         for (int64_t r = R; r < (R + 3) / 4 * 4; r++) qrows[r] = qrows[R - 1]; /* padding rows for tiles of 4 */
+        prefetch_keys(&pl, kh, obt + m0 * onb, olens[m0], d, esize); /* the first own part, during the prefix pass */
 #if HAVE_AVX512
         if (d == 64 && is_bf16) rows_packed(qrows, R, &pl, kh, pbt + j * pnb, n, 64, scale, 1, w, res, lse_p);
         else if (d == 64) rows_packed(qrows, R, &pl, kh, pbt + j * pnb, n, 64, scale, 0, w, res, lse_p);
@@ -81,8 +87,10 @@ void shared_decode(const void *q, const void *k_cache, const void *v_cache, int6
         else
 #endif
             rows_portable(qrows, R, &pl, kh, pbt + j * pnb, n, d, scale, is_bf16, w, res, lse_p);
+        if (nx < first[G]) prefetch_keys(&pl, (nx - first[jn]) % kvh, pbt + jn * pnb, plens[jn], d, esize);
         for (int64_t m = m0; m < m1; m++) { /* own part, merged into the prefix result */
             const int64_t r0 = (m - m0) * g;
+            if (m + 1 < m1) prefetch_keys(&pl, kh, obt + (m + 1) * onb, olens[m + 1], d, esize); /* the next one's */
             ATTEND_ROWS(qrows + r0, g, obt + m * onb, olens[m], w, res_o, lse_o);
             for (int64_t h = 0; h < g; h++) {
                 /* weight of the prefix part: sigmoid(lse_p - lse_o); an empty part (-inf) weighs 0 */
