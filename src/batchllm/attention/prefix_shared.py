@@ -25,14 +25,17 @@ Mode = Literal["auto", "prefix-shared", "reference"]
 #   (G=8 m=2 L=1000, 7,936 saved: bf16 1.08x, fp32 0.82x; G=4 m=4 L=1000, 11,904: 1.23x / 1.09x).
 MIN_SAVED_TOKENS = 12288
 # - with the C kernels, grouped decodes are one C call (shared_decode) against one C call per
-#   sequence (paged_decode); the shared path only loses where nearly nothing is shared
-#   (re-measured after both kernels got faster; unchanged threshold):
-#   bf16 L=64: 1.24 1.21 1.20 1.26 1.25 1.18; L=1000: 0.98 1.03 1.10 1.29 1.24 1.23
-#   fp32 L=64: 1.30 1.28 1.30 1.36 1.33 1.31; L=1000: 1.13 1.21 1.33 1.47 1.44 1.49
-# The gain is bounded by compute, not memory: a group's prefix pass does the same multiply-adds
-# as the members' per-sequence passes (at 4 query heads per KV head that is ~4 FLOP per KV byte,
-# near this CPU's ~11 FLOP/byte balance), so skipping the repeated KV reads saves ~1.5x at most
-# here, where GPUs, with far more FLOP per byte, see 5-30x.
+#   sequence (paged_decode). Re-measured on the Zen 5 dev CPU after the decode kernels began
+#   fetching their next task's KV ahead (which costs a little on the sweep's warm data); the
+#   shared path wins in every cell, so the threshold (set on Zen 4, where it lost 0.98x at m=1
+#   L=1000) stays:
+#   bf16 L=64: 1.16 1.18 1.31 1.60 1.54 1.45; L=1000: 1.12 1.27 1.46 1.67 1.66 1.73
+#   fp32 L=64: 1.19 1.19 1.27 1.28 1.49 1.44; L=1000: 1.08 1.24 1.39 1.54 1.57 1.63
+# The gain is bounded by the arithmetic: a group's prefix pass does the same multiply-adds as the
+# members' per-sequence passes, and the per-sequence kernel finds a group's prefix in cache after
+# its first member, so what sharing saves is mostly instructions. At G=4 m=16 L=1000 the bf16 peak
+# allows at most ~4x over the per-sequence kernel (bench_attention's `ceiling`), where GPUs, with
+# far more FLOP per byte of memory, see 5-30x.
 MIN_SAVED_TOKENS_KERNELS = 1024
 
 # NOTE: on the PyTorch path (with kernels every prefill pass is one C call per step, `paged_prefill`)
