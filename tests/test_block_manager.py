@@ -51,3 +51,48 @@ def test_evicted_blocks_are_not_found() -> None:
     b = seq(2, [50 + i for i in range(8)])
     assert bm.allocate(b, 8)  # takes both cached blocks
     assert bm.cached_prefix_blocks(seq(3, list(range(9)))) == []
+
+
+def grow(bm: BlockManager, s: Sequence, tokens: int) -> None:
+    """Append `tokens` generated tokens to `s` one at a time, allocating as a decode step would."""
+    for _ in range(tokens):
+        assert bm.allocate(s, s.num_uncomputed_tokens)
+        s.num_computed_tokens = s.num_tokens
+        s.token_ids.append(0)
+
+
+def consecutive(table: list[int]) -> bool:
+    return all(b - a == 1 for a, b in zip(table, table[1:]))
+
+
+def test_sequences_growing_together_keep_their_blocks_consecutive() -> None:
+    bm = BlockManager(64, BS)
+    a, b = seq(0, list(range(5))), seq(1, list(range(5)))  # 13 tokens at max_tokens = 8: 4 blocks
+    for _ in range(8):  # interleaved growth, as in decode steps: 12 tokens computed, 3 blocks
+        grow(bm, a, 1)
+        grow(bm, b, 1)
+    assert a.block_table == [1, 2, 3] and b.block_table == [5, 6, 7]
+
+
+def test_claimed_blocks_still_serve_others_when_nothing_else_is_free() -> None:
+    bm = BlockManager(4, BS)
+    a = seq(0, list(range(3)))  # claims blocks for 11 tokens = 3 blocks
+    assert bm.allocate(a, 3) and a.block_table == [1]
+    b = seq(1, list(range(3)))
+    assert bm.allocate(b, 3) and b.block_table == [4]  # the one unclaimed block
+    c = seq(2, list(range(8)))
+    assert bm.allocate(c, 8) and sorted(c.block_table) == [2, 3]  # a's claimed blocks, as nothing else is free
+    assert bm.num_free_blocks == 0 and not bm.allocate(seq(3, [1]), 1)
+
+
+def test_freeing_a_sequence_releases_its_claims() -> None:
+    bm = BlockManager(8, BS)
+    a = seq(0, list(range(3)))
+    assert bm.allocate(a, 3) and a.block_table == [1]  # claims 2 and 3
+    b = seq(1, list(range(3)))
+    assert bm.allocate(b, 3) and b.block_table == [4]
+    bm.free(a)
+    c = seq(2, list(range(3)))
+    assert bm.allocate(c, 3) and c.block_table == [1]
+    d = seq(3, [1])
+    assert bm.allocate(d, 1) and d.block_table == [7]  # 2 and 3 are c's now, 5 and 6 b's: 7 is open
