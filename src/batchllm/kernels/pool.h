@@ -31,10 +31,11 @@ static inline const char *key_row(const char *cache, const Pool *pl, int64_t kh,
 /* Asks the caches for the K and V rows of keys 0 .. n-1 of block table bt in KV head kh, at most
  * PREFETCH_BYTES of each (a hint, no effect on results).
  * NOTE: the decode kernels call it for a thread's next piece of work while it computes the current
- * one: a sequence's blocks lie scattered in the pool, so the hardware prefetchers only start on each
- * block after its first misses, and cold KV was read at 15-17 GB/s (bf16, 172 sequences x 290
- * keys, 8 layers' pools); fetched ahead, the same reads took 1.25x less time. The cap keeps the
- * next piece's KV and the current one's inside a core's L2. */
+ * one: a sequence's blocks can lie scattered in the pool (the block manager keeps them consecutive
+ * where it can), so the hardware prefetchers only start on each block after its first misses, and
+ * cold scattered KV was read at 15-17 GB/s (bf16, 172 sequences x 290 keys, 8 layers' pools);
+ * fetched ahead, the same reads took 1.25x less time. The cap keeps the next piece's KV and the
+ * current one's inside a core's L2. */
 #define PREFETCH_BYTES (128 * 1024)
 static inline void prefetch_keys(const Pool *pl, int64_t kh, const int64_t *bt, int64_t n, int64_t d, int64_t esize) {
     const int64_t cap = PREFETCH_BYTES / (d * esize);
