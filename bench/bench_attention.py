@@ -29,6 +29,8 @@ try:
 except ImportError:  # package not installed: run from the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from hardware import gemm_gflops  # noqa: E402  (bench/, next to this script)
+
 from batchllm.attention.metadata import AttentionMetadata, build_metadata  # noqa: E402
 from batchllm.attention.prefix_shared import PrefixSharedAttention, kv_bytes_read, select_backend  # noqa: E402
 from batchllm.attention.reference import ReferenceAttention  # noqa: E402
@@ -111,21 +113,6 @@ def wait_for_quiet(max_wait_s: float, threshold: float = 0.2, window_s: float = 
         time.sleep(window_s)
         if not (cpu_stall_us() - s0) / 1e6 / window_s >= threshold:  # NaN (no PSI) counts as quiet
             return
-
-
-def bf16_peak(repeats: int = 5) -> float:
-    """FLOP/s of the best bf16 matrix product over a few shapes (the tiny model's gate/up projection
-    at 2,048 rows, a square 2,048): the ceiling of any attention path built, like the kernels, on
-    the bf16 dot-product instruction.
-    NOTE: no fp32 counterpart: torch's fp32 GEMM reaches less here than the C kernels' fp32 loops."""
-    best = 0.0
-    for m, k, n in ((2048, 512, 2816), (2048, 2048, 2048)):
-        a, b = torch.randn(m, k).to(torch.bfloat16), torch.randn(n, k).to(torch.bfloat16)
-        for _ in range(repeats + 1):
-            t0 = time.perf_counter()
-            torch.nn.functional.linear(a, b)
-            best = max(best, 2 * m * k * n / (time.perf_counter() - t0))
-    return best
 
 
 def decode_flops(meta: AttentionMetadata, heads: int, d: int) -> int:
@@ -220,7 +207,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     keep_heap()  # NOTE: the engine's CPU allocator setting; without it gathers page-fault (2-4x slower)
     dtypes = [DTYPES[s] for s in args.dtypes.split(",")]
-    args.bf16_peak = bf16_peak()
+    # NOTE: the ceiling of any attention path built, like the kernels, on the bf16 dot-product
+    # instruction: the best bf16 GEMM (the tiny model's gate/up projection, a square 2,048). No fp32
+    # counterpart: torch's fp32 GEMM reaches less here than the C kernels' fp32 loops.
+    args.bf16_peak = max(gemm_gflops(2048, 512, 2816), gemm_gflops(2048, 2048, 2048)) * 1e9
     if args.sweep:
         cases = [(args.groups, m, L, dt) for dt in dtypes for L in (64, 256, 1000) for m in (1, 2, 4, 8, 16, 32)]
     else:

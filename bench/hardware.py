@@ -41,6 +41,13 @@ def _best_time(fn, repeats: int) -> float:
     return best
 
 
+def gemm_gflops(m: int, k: int, n: int, repeats: int = 5) -> float:
+    """GFLOP/s of the best of `repeats` bf16 products [m, k] x [k, n] (as `F.linear`)."""
+    a = torch.randn(m, k, dtype=torch.bfloat16)
+    b = torch.randn(n, k, dtype=torch.bfloat16)
+    return 2 * m * k * n / _best_time(lambda: torch.nn.functional.linear(a, b), repeats) / 1e9
+
+
 def measure_peak(cfg: dict, threads: int = 2, m: int = 2048, repeats: int = 5) -> Peak:
     """bf16 GEMM GFLOP/s for the q/k/v, o, gate/up and down projections of `cfg` (an HF
     config.json), and copy bandwidth over 512 MiB."""
@@ -48,12 +55,7 @@ def measure_peak(cfg: dict, threads: int = 2, m: int = 2048, repeats: int = 5) -
     h, inter, heads, kvh, d = _dims(cfg)
     shapes = {"qkv": (h, (heads + 2 * kvh) * d), "o": (heads * d, h), "gate_up": (h, 2 * inter),
               "down": (inter, h), "square-2048": (2048, 2048)}
-    by_shape = {}
-    for name, (k, n) in shapes.items():
-        a = torch.randn(m, k, dtype=torch.bfloat16)
-        b = torch.randn(n, k, dtype=torch.bfloat16)
-        t = _best_time(lambda: torch.nn.functional.linear(a, b), repeats)
-        by_shape[name] = 2 * m * k * n / t / 1e9
+    by_shape = {name: gemm_gflops(m, k, n, repeats) for name, (k, n) in shapes.items()}
     src = torch.empty(256 * 1024 * 1024 // 2, dtype=torch.bfloat16).fill_(1)
     dst = torch.empty_like(src)
     t = _best_time(lambda: dst.copy_(src), repeats)
