@@ -7,6 +7,11 @@ shapes by default (8 query heads, 2 KV heads, head_dim 64). Times one `forward` 
 
     python bench/bench_attention.py --rounds 3                  # G=4, m=16, L=1000, bf16 + fp32
     python bench/bench_attention.py --sweep --groups 1          # m x L grid behind MIN_SAVED_TOKENS
+    python bench/bench_attention.py --rounds 3 --cold           # every call starts with its KV in memory
+
+Warm (the default) repeats a call on the same KV, which then sits in the caches; `--cold` evicts
+the caches before every timed call, as the engine's KV is: a layer's KV was last touched a whole
+model pass ago, with the other layers' KV and all the weights read in between.
 
 The dev machine has 2 cores shared with other jobs: each case first waits (up to --max-wait s)
 for a quiet CPU, the two paths are timed interleaved, and the `stall` column reports the load
@@ -72,9 +77,30 @@ def calls_per_sample(fn: Callable[[], object], warmup: int, min_s: float) -> int
     return max(1, int(min_s / max(best, 1e-6)))
 
 
-def paired_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, min_s: float
-                 ) -> dict[str, list[float]]:
-    """Seconds per call of each fn, `repeats` samples each, interleaved A B A B ...
+def llc_bytes() -> int:
+    """The last-level cache's size (Linux sysfs); 64 MiB where unknown."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+        return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+    except (OSError, ValueError, IndexError):
+        return 64 << 20
+
+
+class Evictor:
+    """Reads a buffer of twice the last-level cache, so whatever a call reads next comes from memory."""
+
+    def __init__(self) -> None:
+        self.buf = torch.ones(2 * llc_bytes() // 4)
+
+    def __call__(self) -> None:
+        self.buf.sum()
+
+
+def paired_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, min_s: float,
+                 before: Callable[[], object] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each fn, `repeats` samples each, interleaved A B A B ...; `before`
+    runs untimed ahead of every call (the cold mode's cache eviction).
 
     NOTE: interleaving puts both paths under the same background load (other engineers' jobs
     share the 2 cores), so the per-pair ratio is far steadier than either time alone.
@@ -83,11 +109,24 @@ def paired_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int
     out: dict[str, list[float]] = {n: [] for n in fns}
     for _ in range(repeats):
         for n, f in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(inner[n]):
-                f()
-            out[n].append((time.perf_counter() - t0) / inner[n])
+            out[n].append(sample(f, inner[n], before))
     return out
+
+
+def sample(fn: Callable[[], object], calls: int, before: Callable[[], object] | None) -> float:
+    """Mean seconds of `calls` calls of fn; with `before`, each call is timed alone after it."""
+    if before is None:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - t0) / calls
+    total = 0.0
+    for _ in range(calls):
+        before()
+        t0 = time.perf_counter()
+        fn()
+        total += time.perf_counter() - t0
+    return total / calls
 
 
 def spread(xs: list[float]) -> float:
@@ -134,6 +173,7 @@ def run_case(groups: int, members: int, prefix: int, dtype: torch.dtype, args: a
     # ref_pt is the all-PyTorch reference, timed too so both baselines stay visible.
     kernels = None if args.no_kernels else load_cpu_kernels()
     row = {"G": groups, "m": members, "L": prefix, "dtype": str(dtype).removeprefix("torch."),
+           "cache": "cold" if args.cold else "warm",
            "auto": select_backend(meta, kernels is not None, prefill=kernels is None)}
     backends = {"ref": ReferenceAttention(kernels), "ps": PrefixSharedAttention(kernels)}
     if kernels is not None:
@@ -143,7 +183,10 @@ def run_case(groups: int, members: int, prefix: int, dtype: torch.dtype, args: a
     prep_t = paired_times({n: (lambda be=be: be.prepare(meta)) for n, be in backends.items()}, 5, 1, 0.005)
     wait_for_quiet(args.max_wait)
     stall0, t0 = cpu_stall_us(), time.perf_counter()
-    times = paired_times(fwd, args.repeats, args.warmup, args.sample_s)
+    # NOTE: cold: the queries are touched after the eviction, since in the engine they were just
+    # computed; only the KV comes from memory.
+    before = (lambda: (args.evict(), q.sum())) if args.cold else None
+    times = paired_times(fwd, args.repeats, args.warmup, args.sample_s, before)
     # NOTE: share of the time other tasks waited for a core while we measured: a load indicator.
     row["stall"] = (cpu_stall_us() - stall0) / 1e6 / (time.perf_counter() - t0)
     for n in backends:
@@ -169,7 +212,7 @@ def run_case(groups: int, members: int, prefix: int, dtype: torch.dtype, args: a
     return row
 
 
-COLS = [("G", "{:>3}"), ("m", "{:>3}"), ("L", "{:>5}"), ("dtype", "{:>8}"), ("kernels", "{:>7}"),
+COLS = [("G", "{:>3}"), ("m", "{:>3}"), ("L", "{:>5}"), ("dtype", "{:>8}"), ("cache", "{:>5}"), ("kernels", "{:>7}"),
         ("ref_ms", "{:>8.3f}"), ("ps_ms", "{:>8.3f}"), ("speedup", "{:>7.2f}"), ("vs_pt", "{:>6.2f}"), ("ref_MB", "{:>8.2f}"), ("ps_MB", "{:>7.2f}"),
         ("ref_GBs", "{:>7.1f}"), ("ps_GBs", "{:>7.1f}"), ("ref_GFs", "{:>7.0f}"), ("ps_GFs", "{:>6.0f}"),
         ("peak_GFs", "{:>8.0f}"), ("ceiling", "{:>7.2f}"), ("ref_prep_ms", "{:>11.3f}"),
@@ -203,10 +246,13 @@ def main() -> None:
                     help="seconds to wait for a quiet CPU (other jobs) before each case")
     ap.add_argument("--rounds", type=int, default=1, help="run all cases this many times; report medians")
     ap.add_argument("--no-kernels", action="store_true", help="time the all-PyTorch backends (no C kernels)")
+    ap.add_argument("--cold", action="store_true",
+                    help="evict the caches before every timed call (the engine's case) instead of timing warm repeats")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     keep_heap()  # NOTE: the engine's CPU allocator setting; without it gathers page-fault (2-4x slower)
     dtypes = [DTYPES[s] for s in args.dtypes.split(",")]
+    args.evict = Evictor() if args.cold else None
     # NOTE: the ceiling of any attention path built, like the kernels, on the bf16 dot-product
     # instruction: the best bf16 GEMM (the tiny model's gate/up projection, a square 2,048). No fp32
     # counterpart: torch's fp32 GEMM reaches less here than the C kernels' fp32 loops.
@@ -215,7 +261,7 @@ def main() -> None:
         cases = [(args.groups, m, L, dt) for dt in dtypes for L in (64, 256, 1000) for m in (1, 2, 4, 8, 16, 32)]
     else:
         cases = [(args.groups, args.members, args.prefix, dt) for dt in dtypes]
-    print(f"# decode, heads={args.heads} kv_heads={args.kv_heads} d={args.head_dim} own={args.own} "
+    print(f"# decode, {'cold: caches evicted before every call' if args.cold else 'warm'}, heads={args.heads} kv_heads={args.kv_heads} d={args.head_dim} own={args.own} "
           f"block={args.block_size} threads={args.threads}; ms per forward (one layer), median of "
           f"{args.repeats} interleaved samples; speedup = median of paired ref/ps ratios; vs_pt = the same "
           f"against the all-PyTorch reference; MB = KV bytes "
