@@ -25,17 +25,16 @@ Mode = Literal["auto", "prefix-shared", "reference"]
 #   (G=8 m=2 L=1000, 7,936 saved: bf16 1.08x, fp32 0.82x; G=4 m=4 L=1000, 11,904: 1.23x / 1.09x).
 MIN_SAVED_TOKENS = 12288
 # - with the C kernels, grouped decodes are one C call (shared_decode) against one C call per
-#   sequence (paged_decode). Re-measured on the Zen 5 dev CPU after the decode kernels began
-#   fetching their next task's KV ahead (which costs a little on the sweep's warm data); the
-#   shared path wins in every cell, so the threshold (set on Zen 4, where it lost 0.98x at m=1
-#   L=1000) stays:
-#   bf16 L=64: 1.16 1.18 1.31 1.60 1.54 1.45; L=1000: 1.12 1.27 1.46 1.67 1.66 1.73
-#   fp32 L=64: 1.19 1.19 1.27 1.28 1.49 1.44; L=1000: 1.08 1.24 1.39 1.54 1.57 1.63
+#   sequence (paged_decode). Re-measured on the Zen 5 dev CPU after the kernels' one-pass softmax
+#   (which sped up both paths); the shared path wins in every cell, so the threshold (set on Zen
+#   4, where it lost 0.98x at m=1 L=1000) stays:
+#   bf16 L=64: 1.19 1.27 1.32 1.48 1.47 1.36; L=1000: 1.18 1.34 1.57 1.76 1.80 1.85
+#   fp32 L=64: 1.22 1.28 1.38 1.66 1.53 1.48; L=1000: 1.07 1.21 1.34 1.51 1.42 1.44
 # The gain is bounded by the arithmetic: a group's prefix pass does the same multiply-adds as the
 # members' per-sequence passes, and the per-sequence kernel finds a group's prefix in cache after
 # its first member, so what sharing saves is mostly instructions. At G=4 m=16 L=1000 the bf16 peak
-# allows at most ~4x over the per-sequence kernel (bench_attention's `ceiling`), where GPUs, with
-# far more FLOP per byte of memory, see 5-30x.
+# allows at most ~3.6x over the per-sequence kernel (bench_attention's `ceiling`; ~4.6x with the
+# KV cold, `--cold`), where GPUs, with far more FLOP per byte of memory, see 5-30x.
 MIN_SAVED_TOKENS_KERNELS = 1024
 
 # NOTE: on the PyTorch path (with kernels every prefill pass is one C call per step, `paged_prefill`)
