@@ -17,9 +17,9 @@ void paged_decode(const void *q, const void *k_cache, const void *v_cache, int64
     const Pool pl = {k_cache, v_cache, slots, bs};
 #pragma omp parallel for num_threads(threads) schedule(static, 1)
     for (int64_t task = 0; task < B * kvh; task++) {
-        const int64_t b = task / kvh, kh = task % kvh, n = lens[b] < tmax ? lens[b] : tmax;
+        const int64_t b = task / kvh, kh = task % kvh, n = min64(lens[b], tmax);
         const int64_t nx = task + threads; /* this thread's next task: its KV is fetched while this one computes */
-        if (nx < B * kvh) prefetch_keys(&pl, nx % kvh, bt + nx / kvh * nb, lens[nx / kvh] < tmax ? lens[nx / kvh] : tmax, d, esize);
+        if (nx < B * kvh) prefetch_keys(&pl, nx % kvh, bt + nx / kvh * nb, min64(lens[nx / kvh], tmax), d, esize);
         float *scores = work + (int64_t)omp_get_thread_num() * g * tmax, res[g * d], l[g];
         const char *qrows[g];
         int64_t dst[g];

@@ -132,7 +132,7 @@ ALWAYS_INLINE void values_pairs_tile(const Pool *pl, int64_t kh, const int64_t *
 }
 
 /* The bf16 value pass of all R rows; p16 holds the probabilities as bf16 (row stride `stride`
- * bf16s, 0 from each row's last attended key up to key n; softmax_row writes them so). */
+ * bf16s, as values_pairs_tile takes them; softmax_row writes them so). */
 ALWAYS_INLINE void values_rows_bf16(const Pool *pl, int64_t kh, const int64_t *bt, int64_t n, const int64_t D,
                                     int64_t R, const uint16_t *p16, int64_t stride, float *res) {
     const int HP = D == 64 ? 4 : 2; /* 16 accumulators */
@@ -141,21 +141,23 @@ ALWAYS_INLINE void values_rows_bf16(const Pool *pl, int64_t kh, const int64_t *b
     for (; r0 < R; r0++) values_pairs_tile(pl, kh, bt, n, D, 1, r0, p16, stride, res);
 }
 
-/* common.h's exp_nonpos on 16 lanes (the same reduction and polynomial); the power of two is
+/* common.h's exp_nonpos on 16 lanes (the same constants and polynomial); the power of two is
  * applied by vscalefps instead of being built from exponent bits. */
 static inline __m512 exp16_nonpos(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(EXP_LOG2E)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-6f), r);
-    __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(1.38888892e-3f), _mm512_set1_ps(8.33333377e-3f));
-    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(4.16666679e-2f));
-    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.66666672e-1f));
-    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.0f));
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_HI), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_LO), r);
+    __m512 p = _mm512_set1_ps(EXP_POLY[0]);
+    for (int i = 1; i < 6; i++) p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(EXP_POLY[i]));
     p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);
+}
+
+/* Lanes of keys t .. t+15 that are below m. */
+static inline __mmask16 keys_below(int64_t t, int64_t m) {
+    return t + 16 <= m ? (__mmask16)0xFFFF : (__mmask16)((1u << (m - t)) - 1u);
 }
 
 /* exp_row for a score row x whose first m of `width` entries are real: they become exp(x - max)
@@ -175,7 +177,7 @@ ALWAYS_INLINE float softmax_row(float *x, int64_t m, int64_t width, const int to
     for (; t + 64 <= m; t += 64)
         for (int k = 0; k < 4; k++) mx[k] = _mm512_max_ps(mx[k], _mm512_loadu_ps(x + t + 16 * k));
     for (; t < m; t += 16) {
-        const __mmask16 real = t + 16 <= m ? 0xFFFF : (__mmask16)((1u << (m - t)) - 1u);
+        const __mmask16 real = keys_below(t, m);
         mx[0] = _mm512_mask_max_ps(mx[0], real, mx[0], _mm512_maskz_loadu_ps(real, x + t));
     }
     const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(mx[0], mx[1]), _mm512_max_ps(mx[2], mx[3])));
@@ -196,7 +198,7 @@ ALWAYS_INLINE float softmax_row(float *x, int64_t m, int64_t width, const int to
     }
     s = _mm512_add_ps(s, s1);
     for (; t < m; t += 16) {
-        const __mmask16 real = t + 16 <= m ? 0xFFFF : (__mmask16)((1u << (m - t)) - 1u);
+        const __mmask16 real = keys_below(t, m);
         const __m512 e = exp16_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(real, x + t), tv));
         s = _mm512_mask_add_ps(s, real, s, e);
         if (to_bf16) _mm256_mask_storeu_epi16((uint16_t *)x + t, real, (__m256i)_mm512_cvtneps_pbh(e));
