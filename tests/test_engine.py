@@ -72,7 +72,7 @@ def test_greedy_matches_transformers(name: str, model_factory: Callable[..., Pat
                                      random_prompts: Callable[..., list[list[int]]]) -> None:
     """One batched generate call of 8 mixed-length prompts equals HF generate prompt by prompt,
     token for token; the engine's top-5 logprobs equal HF's log-softmaxed logits."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     arch, overrides = ORACLE_MODELS[name]
     path = model_factory(arch, **overrides)
     prompts = random_prompts(8, 5, 60, seed=list(ORACLE_MODELS).index(name))
@@ -438,7 +438,7 @@ CONVERSATION = [
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_chat_renders_the_template_like_transformers(arch: str, model_factory: Callable[..., Path]) -> None:
-    transformers = pytest.importorskip("transformers")
+    import transformers
     path = model_factory(arch)
     hf_tok = transformers.AutoTokenizer.from_pretrained(path)
     llm = LLM(str(path), dtype="float32", num_kv_blocks=64)

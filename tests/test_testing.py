@@ -45,7 +45,7 @@ def _all_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_hf(path: Path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     model, info = transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, output_loading_info=True
     )
@@ -92,7 +92,7 @@ def test_folder_layout_and_names(tmp_path: Path, arch: str) -> None:
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_loads_in_transformers(tmp_path: Path, arch: str) -> None:
-    transformers = pytest.importorskip("transformers")
+    import transformers
     path = make_tiny_model(tmp_path / arch, arch=arch, shape="test")
     model = _load_hf(path)
     n_tensors = len(_all_tensors(path))
@@ -123,7 +123,7 @@ def test_loads_in_transformers(tmp_path: Path, arch: str) -> None:
 
 
 def test_chat_template_file(tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
+    import transformers
     path = make_tiny_model(tmp_path / "m", arch="qwen2", shape="test", chat_template_file=True)
     assert (path / "chat_template.jinja").is_file()
     assert "chat_template" not in json.loads((path / "tokenizer_config.json").read_text())
@@ -149,8 +149,7 @@ def test_sharded(tmp_path: Path) -> None:
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
     whole = _all_tensors(make_tiny_model(tmp_path / "whole", arch="llama", shape="test"))
     assert set(whole) == set(tensors) and all(torch.equal(whole[k], tensors[k]) for k in whole)
-    if pytest.importorskip("transformers"):
-        _load_hf(path)
+    _load_hf(path)
 
 
 def test_tied_embeddings(tmp_path: Path) -> None:
@@ -161,7 +160,7 @@ def test_tied_embeddings(tmp_path: Path) -> None:
 
 
 def test_rope_scaling_override(tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
+    import transformers
     rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 64}
     path = make_tiny_model(tmp_path / "m", arch="llama", shape="test", rope_scaling=rope,
@@ -186,8 +185,7 @@ def test_bfloat16_and_overrides(tmp_path: Path) -> None:
     assert all(t.dtype == torch.bfloat16 for t in tensors.values())
     assert tensors["model.layers.0.self_attn.q_proj.weight"].shape == (4 * 32, 64)
     assert tensors["model.layers.0.self_attn.o_proj.weight"].shape == (64, 4 * 32)
-    if pytest.importorskip("transformers"):
-        _load_hf(path)
+    _load_hf(path)
 
 
 def test_deterministic(tmp_path: Path) -> None:

@@ -1,8 +1,24 @@
-"""batchllm: offline batch LLM inference with global prefix sharing."""
+"""batchllm: offline batch LLM inference with global prefix sharing.
 
-from batchllm.llm import LLM
+`LLM` is imported on first use: it brings torch and the model code, which `batchllm --help`,
+`batchllm plan` and the planner do not need.
+"""
+
+from typing import TYPE_CHECKING
+
 from batchllm.outputs import CompletionOutput, RequestOutput, RunStats
 from batchllm.sampling_params import SamplingParams
 
+if TYPE_CHECKING:
+    from batchllm.llm import LLM
+
 __version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "RunStats", "__version__"]
+
+
+def __getattr__(name: str) -> object:
+    if name == "LLM":
+        from batchllm.llm import LLM
+
+        return LLM
+    raise AttributeError(f"module 'batchllm' has no attribute {name!r}")

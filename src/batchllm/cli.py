@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from batchllm import __version__
-from batchllm.batch_io.job import EXIT_FAILURE, EXIT_USAGE, JobOptions, run_batch
+from batchllm.batch_io.exit_codes import EXIT_FAILURE, EXIT_USAGE
 from batchllm.config import POLICIES, EngineConfig
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
@@ -122,6 +122,8 @@ def _resume_command(argv: Sequence[str]) -> str:
 
 
 def _cmd_run_batch(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from batchllm.batch_io.job import JobOptions, run_batch
+
     return run_batch(JobOptions(
         input=args.input, output=args.output, model=args.model, engine_kwargs=_engine_kwargs(args),
         error_file=args.error_file, resume=args.resume, overwrite=args.overwrite, stats_json=args.stats_json,

@@ -24,8 +24,8 @@ from .resume import JobFiles, OpenedJob, UsageError, open_job, sibling
 from .schema import RecordMaker
 from .signals import StopSignals
 from .writer import JsonlWriter
+from .exit_codes import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 @dataclass
