@@ -16,7 +16,7 @@ Prompts = list[list[int]]
 
 
 def _worked_example() -> Prompts:
-    """Design notes §2.2: |A|=100, |B|=|C|=2000, |q|=50; A B q1, A B q2, A B q3, A C q4."""
+    """docs/design.md §2.2: |A|=100, |B|=|C|=2000, |q|=50; A B q1, A B q2, A B q3, A C q4."""
     rng = np.random.default_rng(0)
     a, b, c = (rng.integers(0, 50_000, n).tolist() for n in (100, 2000, 2000))
     q = [rng.integers(0, 50_000, 50).tolist() for _ in range(4)]

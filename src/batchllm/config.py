@@ -44,7 +44,7 @@ class EngineConfig:
     max_num_seqs: int | None = None
     max_model_len: int | None = None
     policy: str = "batchllm"
-    # Ablation switches of the batchllm policy (design notes §3.3).
+    # Ablation switches of the batchllm policy (docs/design.md §3.4).
     global_groups: bool = True
     decode_ratio_order: bool = True
     memory_centric: bool = True

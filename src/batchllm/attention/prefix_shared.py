@@ -1,4 +1,4 @@
-"""Prefix-shared attention (design §4): one dense pass per group prefix, one per own KV, lse merge."""
+"""Prefix-shared attention (docs/design.md §4): one dense pass per group prefix, one per own KV, lse merge."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Global prefix planner: pure data (numpy only, no torch). See design notes §2 and §3.1."""
+"""Global prefix planner: pure data (numpy only, no torch). See docs/design.md §2 and §3.2."""
 
 from .plan import Group, Plan, PlanStats, PrefixGroup, build_plan, decode_ratio, maximize_reuse
 from .prefix_tree import PrefixTree, TrieNode

@@ -1,4 +1,4 @@
-"""MaximizeReuse -> groups -> materialise -> order -> Plan (design notes §2.2, §2.3, §3.1).
+"""MaximizeReuse -> groups -> materialise -> order -> Plan (docs/design.md §2.2, §2.3, §3.2).
 
 Pure data: no torch. A Plan lists groups in execution order; each group is a shared prefix
 (computed once) plus each member's own part (computed per member), or one unshared sequence.
@@ -188,7 +188,7 @@ def build_plan(
     """Plan a batch: every sequence in exactly one group, groups in execution order.
 
     ``expected_output_tokens[i]`` is ô for sequence i (default 1 each); ``order`` picks
-    decode-ratio-first (§3.1) or input order; ``global_groups=False`` disables sharing.
+    decode-ratio-first (docs/design.md §3.2) or input order; ``global_groups=False`` disables sharing.
     Raises ValueError on bad arguments or empty prompts.
     """
     if block_size < 1:
@@ -240,6 +240,6 @@ def build_plan(
 
 
 def decode_ratio(group: Group, expected_output_tokens: Sequence[float]) -> float:
-    """R = Σ_members ô / (prefix_len + Σ own_len): expected decode per prefill token (§3.1)."""
+    """R = Σ_members ô / (prefix_len + Σ own_len): expected decode per prefill token (docs/design.md §3.2)."""
     # NOTE: one correctly rounded int division, so mathematically equal R compare equal.
     return sum(expected_output_tokens[m] for m in group.members) / group.prefill_tokens

@@ -1,4 +1,4 @@
-"""Token-level compact prefix tree (radix tree) over all prompts (design notes §2.1).
+"""Token-level compact prefix tree (radix tree) over all prompts (docs/design.md §2.1).
 
 Pure data: numpy only, no torch. Built from the lexicographically sorted prompts and the
 longest-common-prefix (LCP) array of sorted neighbours with one stack pass (the classic
@@ -73,7 +73,7 @@ class PrefixTree:
         self.nodes: list[TrieNode] = []
         self.root: TrieNode = self._new(rep=0, start=0, depth=0)
         self._build()
-        # Tokens on all edges = number of distinct non-empty prompt prefixes (§2.2).
+        # Tokens on all edges = number of distinct non-empty prompt prefixes (docs/design.md §2.1).
         self.multilevel_optimum_tokens: int = sum(n.edge_len for n in self.nodes)
 
     @property

@@ -14,7 +14,7 @@ MEMBERS_WITH_PREFIX = 2
 
 
 class BatchScheduler(Scheduler):
-    """Design notes §2.3 and §3.2.
+    """docs/design.md §2.3, §3.1 and §3.3.
 
     - A shared group's prefix is prefilled once by a prefill-only pseudo-sequence (chunked like
       any prompt, never sampled); members join when it is complete, referencing its full blocks
