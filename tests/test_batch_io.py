@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from batchllm.batch_io.manifest import Manifest, model_fingerprint
-from batchllm.batch_io.prepare import Limits, limits_of_config, prepare, static_validator, units_of
+from batchllm.batch_io.planning import plan_file
+from batchllm.batch_io.prepare import prepare, units_of
 from batchllm.batch_io.requests import BatchRequest, ErrorRecord, parse_file, parse_line
 from batchllm.batch_io.schema import RecordMaker
 from batchllm.batch_io.writer import CorruptFileError, JsonlWriter, recover
 from batchllm.cli import parse_size
 from batchllm.config import EngineConfig
+import batchllm.limits as batchllm_limits
+from batchllm.limits import Limits, limits_of_config
+from batchllm.llm import LLM
+from batchllm.models.loader import DTYPES
 from batchllm.outputs import CompletionOutput, RequestOutput
+from batchllm.planner import build_plan
+from batchllm.sampling_params import SamplingParams
 from batchllm.testing import make_tiny_model
 from batchllm.tokenizer import Tokenizer
 
@@ -171,7 +180,8 @@ def test_error_keeps_custom_id_and_param() -> None:
 # ---- tokenization, validation, caps, seeds -----------------------------------------------------
 def test_prepare_matches_tokenizer_and_validates(model: Path) -> None:
     tok = Tokenizer(model)
-    limits = Limits(vocab_size=tok.vocab_size, max_model_len=64, kv_pool_tokens=48, kv_bytes_per_token=512)
+    limits = Limits(dtype="float32", vocab_size=tok.vocab_size, max_model_len=64, num_kv_blocks=3, block_size=16,
+                    kv_bytes_per_token=512)  # a pool of 48 tokens
     chat = [{"role": "user", "content": "hello there"}]
     reqs = [
         parsed(req({"prompt": "hello world", "max_tokens": 4}), 1),
@@ -183,7 +193,7 @@ def test_prepare_matches_tokenizer_and_validates(model: Path) -> None:
                    "/v1/chat/completions"), 6),  # too little room left for min_tokens
         parsed(req({"prompt": ["a b", "c"], "max_tokens": 2, "n": 2}), 7),
     ]
-    prepared, errors = prepare(reqs, tok, limits, static_validator(limits), engine_seed=0)
+    prepared, errors = prepare(reqs, tok, limits, engine_seed=0)
     assert [p.request.line for p in prepared] == [1, 2, 7]
     assert [(e.line, e.code) for e in errors] == [(3, "invalid_prompt"), (4, "invalid_prompt"),
                                                   (5, "invalid_prompt"), (6, "invalid_value")]
@@ -198,17 +208,17 @@ def test_prepare_matches_tokenizer_and_validates(model: Path) -> None:
 
 def test_prepare_seeds_are_stable_per_prompt(model: Path) -> None:
     tok = Tokenizer(model)
-    limits = Limits(tok.vocab_size, 4096, 4096, 512)
+    limits = Limits("float32", tok.vocab_size, 4096, 256, 16, 512)
     reqs = [parsed(req({"prompt": "same", "temperature": 0.7}), 1),
             parsed(req({"prompt": "same", "temperature": 0.7}), 2),
             parsed(req({"prompt": "other", "temperature": 0}), 3), parsed(req({"prompt": "x", "seed": 5}), 4)]
-    prepared, _ = prepare(reqs, tok, limits, static_validator(limits), engine_seed=0)
+    prepared, _ = prepare(reqs, tok, limits, engine_seed=0)
     seeds = [p.params[0].seed for p in prepared]
     assert seeds[0] is not None and seeds[1] is not None and seeds[0] != seeds[1]
     assert seeds[2] is None and seeds[3] == 5
-    again, _ = prepare(reqs, tok, limits, static_validator(limits), engine_seed=0)
+    again, _ = prepare(reqs, tok, limits, engine_seed=0)
     assert [p.params[0].seed for p in again] == seeds
-    other, _ = prepare(reqs, tok, limits, static_validator(limits), engine_seed=1)
+    other, _ = prepare(reqs, tok, limits, engine_seed=1)
     assert other[0].params[0].seed != seeds[0]
 
 
@@ -219,6 +229,84 @@ def test_limits_of_config(model: Path) -> None:
         limits_of_config(EngineConfig.from_kwargs(str(model), max_model_len=10**6))
     with pytest.raises(ValueError, match="holds no block"):
         limits_of_config(EngineConfig.from_kwargs(str(model), kv_cache_memory=100))
+
+
+
+# ---- one source with the core: limits, seeds, plans ------------------------------------------
+@pytest.mark.parametrize("kwargs", [dict(num_kv_blocks=10, block_size=8), dict(kv_cache_memory=2**20),
+                                    dict(kv_cache_memory=3 * 2**20 + 5, block_size=4, dtype="bfloat16"),
+                                    dict(num_kv_blocks=16, max_model_len=100, dtype="float16")])
+def test_limits_of_config_are_the_engines(model: Path, kwargs: dict) -> None:
+    lim = limits_of_config(EngineConfig.from_kwargs(str(model), **kwargs))
+    e = LLM(str(model), **kwargs).engine
+    assert e.limits == lim
+    assert (e.dtype, e.max_model_len, e.num_blocks, e.kv_bytes_per_token) == \
+        (DTYPES[lim.dtype], lim.max_model_len, lim.num_kv_blocks, lim.kv_bytes_per_token)
+
+
+def _generator_seeds(seqs: list) -> list[int | None]:
+    return [None if s.generator is None else s.generator.initial_seed() for s in seqs]
+
+
+def test_run_batch_seeds_are_the_ones_llm_draws_from(model: Path) -> None:
+    """prepare writes seeds into unseeded sampled requests; LLM then seeds every sample's
+    generator as it would have from the engine seed, for the whole file and for any tail of it."""
+    llm = LLM(str(model), num_kv_blocks=64, seed=3)
+    hot = {"temperature": 0.8, "max_tokens": 3}
+    reqs = [parsed(req({"prompt": "same", **hot}), 1), parsed(req({"prompt": "cold", "temperature": 0}), 2),
+            parsed(req({"prompt": "same", **hot, "n": 2}), 3), parsed(req({"prompt": ["x y", "same"], **hot}), 4),
+            parsed(req({"prompt": "same", **hot, "seed": 9}), 5), parsed(req({"prompt": [5, 6, 7], **hot}), 6)]
+    prepared, errors = prepare(reqs, llm.tokenizer, llm.engine.limits, engine_seed=3)
+    assert errors == [] and len(prepared) == len(reqs)
+    units = units_of(prepared)
+    ids = [prepared[u.request].prompt_ids[u.index] for u in units]
+    written = [prepared[u.request].params[u.index] for u in units]
+    given = [prepared[u.request].request.params for u in units]  # as in the file
+    want = _generator_seeds(llm._make_seqs(ids, given))
+    assert _generator_seeds(llm._make_seqs(ids, written)) == want
+    assert want[1] is None and len({s for s in want if s is not None}) == len(want) - 1
+    # a resumed job runs only the prompts after the first three (four sequences: n=2 on the third)
+    assert _generator_seeds(llm._make_seqs(ids[3:], written[3:])) == want[4:]
+
+
+def test_plan_file_is_llm_plan(model: Path, tmp_path: Path) -> None:
+    """`batchllm plan` and LLM plan the same prompts identically, sequence numbering included."""
+    doc = list(range(3, 40))
+    lines = [{"prompt": doc + [k], "max_tokens": 2 + k % 4, "n": 1 + k % 3} for k in range(7)]
+    lines += [{"prompt": [[9] * 20 + [k] for k in range(3)], "max_tokens": 5}, {"prompt": [1, 2], "temperature": -1}]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    kwargs = dict(block_size=4, num_kv_blocks=64)
+    report = plan_file(path, EngineConfig.from_kwargs(str(model), **kwargs))
+    prompts = [x["prompt"] for x in lines[:7]] + lines[7]["prompt"]
+    params = [SamplingParams(max_tokens=x["max_tokens"], n=x["n"]) for x in lines[:7]]
+    params += [SamplingParams(max_tokens=5)] * 3
+    llm = LLM(str(model), **kwargs)
+    want = llm.plan([{"prompt_token_ids": p} for p in prompts], params)
+    assert report.plan == want and (report.sequences, report.invalid) == (sum(p.n for p in params), 1)
+    assert want.stats.num_shared_groups >= 2
+    # the plan's sequence i is the engine's sequence i (what the per-sequence formula gave)
+    seqs = llm._make_seqs(prompts, params)
+    assert want == build_plan([s.token_ids for s in seqs], block_size=4,
+                              expected_output_tokens=[s.params.max_tokens for s in seqs])
+
+
+
+def test_plan_path_and_the_shared_rules_import_without_torch() -> None:
+    """`batchllm plan` (and run-batch until it loads the model) needs no torch at import time;
+    the package's __init__ is bypassed, as it imports the LLM facade."""
+    code = (
+        "import sys, types\n"
+        "class NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'torch': raise ImportError('torch imported at module level')\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        f"pkg = types.ModuleType('batchllm'); pkg.__path__ = [{str(Path(batchllm_limits.__file__).parent)!r}]\n"
+        "pkg.__version__ = '0'; sys.modules['batchllm'] = pkg\n"
+        "import batchllm.batch_io.planning, batchllm.batch_io.job, batchllm.limits, batchllm.seeding\n"
+        "import batchllm.batch_plan, batchllm.kernels.signatures\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 # ---- output schema ---------------------------------------------------------------------------

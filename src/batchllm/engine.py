@@ -8,11 +8,12 @@ from pathlib import Path
 
 import torch
 
-from batchllm.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig
+from batchllm.config import EngineConfig
 from batchllm.executor.malloc import keep_heap
 from batchllm.executor.runner import ModelRunner
 from batchllm.executor.sampler import Sampler
 from batchllm.kernels.cpu import DTYPES as KERNEL_DTYPES, load_cpu_kernels
+from batchllm.limits import engine_limits
 from batchllm.models.loader import DTYPES, load_model, read_config
 from batchllm.outputs import RunStats
 from batchllm.planner import Plan
@@ -32,27 +33,15 @@ class Engine:
         self.model_config = read_config(path)
         self.tokenizer = Tokenizer(path)
         mc = self.model_config
-        dtype_name = mc.dtype if config.dtype == "auto" else config.dtype
-        self.dtype = DTYPES[dtype_name]
+        # The rule run-batch and `batchllm plan` validate against too (limits.py).
+        self.limits = engine_limits(config, mc)
+        self.dtype = DTYPES[self.limits.dtype]
         self.device = torch.device(config.device)
         if config.keep_heap and self.device.type == "cpu":
             keep_heap()
-        limit = mc.max_position_embeddings
-        if mc.sliding_window:  # NOTE: no sliding-window attention: stay inside the window.
-            limit = min(limit, mc.sliding_window)
-        if config.max_model_len is not None and config.max_model_len > limit:
-            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's limit {limit}")
-        self.max_model_len = config.max_model_len or limit
-        per_token = mc.kv_bytes_per_token(self.dtype)
-        if config.num_kv_blocks is not None:
-            self.num_blocks = config.num_kv_blocks
-        else:
-            memory = config.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY
-            self.num_blocks = memory // (per_token * config.block_size)
-            if self.num_blocks < 1:
-                raise ValueError(f"kv_cache_memory {memory} bytes holds no block of {config.block_size} "
-                                 f"tokens ({per_token} bytes per token)")
-        self.kv_bytes_per_token = per_token
+        self.max_model_len = self.limits.max_model_len
+        self.num_blocks = self.limits.num_kv_blocks
+        self.kv_bytes_per_token = self.limits.kv_bytes_per_token
         model = load_model(path, mc, self.dtype, self.device, self.max_model_len, pack_weights=config.cpu_kernels)
         # NOTE: only for the dtypes the kernels take (float16 runs all PyTorch), so every component
         # handed `kernels` may use them for the whole run.

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import sys
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence as Seq
 from typing import Any, Union
 
 from tqdm import tqdm
 
+from batchllm.batch_plan import plan_batch
 from batchllm.config import EngineConfig
 from batchllm.engine import Engine
-from batchllm.executor.sampler import derive_seed
 from batchllm.outputs import CompletionOutput, RequestOutput, RunStats
-from batchllm.planner import Plan, build_plan
+from batchllm.planner import Plan
 from batchllm.sampling_params import SamplingParams
+from batchllm.seeding import prompt_seeds, sample_seed
 from batchllm.sequence import Sequence
-from batchllm.validation import prompt_errors
 
 import torch
 
@@ -67,23 +66,16 @@ class LLM:
 
     def validate(self, prompt_ids: list[list[int]], params: list[SamplingParams]) -> list[str]:
         """One message per invalid prompt ("prompt i: reason"); empty when all are valid."""
-        return prompt_errors(prompt_ids, params, vocab_size=self.engine.model_config.vocab_size,
-                             max_model_len=self.engine.max_model_len,
-                             kv_pool_tokens=self.engine.num_blocks * self.config.block_size)
+        return self.engine.limits.prompt_errors(prompt_ids, params)
 
     def _make_seqs(self, prompt_ids: list[list[int]], params: list[SamplingParams]) -> list[Sequence]:
-        seqs, seen = [], Counter()
-        for i, (ids, p) in enumerate(zip(prompt_ids, params)):
-            # NOTE: unseeded requests get a seed derived from the engine seed, the prompt and how
-            # often the same prompt came before, never from the batch position.
-            key = tuple(ids)
-            occurrence = seen[key]
-            seen[key] += 1
-            base = p.seed if p.seed is not None else derive_seed(self.config.seed, hash(key), occurrence)
+        """Prompt i's n samples as n sequences, numbered as `plan_batch` numbers them; sampled
+        ones each with a generator seeded from `prompt_seeds` (which batch_io writes up front too)."""
+        seqs: list[Sequence] = []
+        seeds = prompt_seeds(prompt_ids, params, self.config.seed)
+        for i, (ids, p, seed) in enumerate(zip(prompt_ids, params, seeds, strict=True)):
             for j in range(p.n):
-                gen = None
-                if not p.greedy:
-                    gen = torch.Generator().manual_seed(derive_seed(base, j))
+                gen = None if seed is None else torch.Generator().manual_seed(sample_seed(seed, j))
                 seqs.append(Sequence(seq_id=len(seqs), request_index=i, sample_index=j, token_ids=list(ids),
                                      num_prompt_tokens=len(ids), params=p, generator=gen))
         return seqs
@@ -93,16 +85,7 @@ class LLM:
              ) -> Plan:
         """Plan the batch (prefix-sharing groups and their order) without running the model."""
         _, ids = self._tokenize(prompts)
-        params = self._params_list(len(ids), sampling_params)
-        return self._plan(self._make_seqs(ids, params))
-
-    def _plan(self, seqs: list[Sequence]) -> Plan:
-        c = self.config
-        return build_plan(
-            [s.token_ids for s in seqs], block_size=c.block_size,
-            expected_output_tokens=[s.params.max_tokens for s in seqs], partial_block=c.partial_block,
-            order="decode-ratio" if c.decode_ratio_order else "input", global_groups=c.global_groups,
-        )
+        return plan_batch(self.config, ids, self._params_list(len(ids), sampling_params))
 
     def generate(self, prompts: PromptType | Seq[PromptType],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -140,7 +123,7 @@ class LLM:
             raise ValueError(f"{len(errors)} invalid prompt(s): " + "; ".join(errors[:20])
                              + (" ..." if len(errors) > 20 else ""))
         seqs = self._make_seqs(ids, params)
-        plan = self._plan(seqs) if self.config.policy == "batchllm" else None
+        plan = plan_batch(self.config, ids, params) if self.config.policy == "batchllm" else None
         # NOTE: logical prefill counts every sample: without sharing, each of n samples prefills its prompt.
         stats = RunStats(num_requests=len(ids), logical_prefill_tokens=sum(s.num_prompt_tokens for s in seqs))
         self.last_run_stats = stats

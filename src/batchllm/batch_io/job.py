@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 from batchllm.outputs import RequestOutput, RunStats
 
-from .prepare import Prepared, limits_of_llm, paused_gc, prepare, units_of
+from .prepare import Prepared, paused_gc, prepare, units_of
 from .progress import Progress, Report, log
 from .requests import BatchRequest, ErrorRecord
 from .resume import JobFiles, OpenedJob, UsageError, open_job, sibling
@@ -118,11 +118,11 @@ class _Job:
     def _prepare(self, llm: Any) -> tuple[list[Prepared], RecordMaker]:
         """Tokenize and validate everything, save the manifest; return the requests still to run."""
         job, p = self.job, self.job.parsed
-        limits = limits_of_llm(llm)
+        limits = llm.engine.limits
         max_context = job.manifest.settings.get("max_context") or limits.max_context
         job.manifest.settings["max_context"] = max_context
         with paused_gc():
-            prepared, bad = prepare(p.requests, llm.tokenizer, limits, llm.validate, job.cfg.seed, max_context)
+            prepared, bad = prepare(p.requests, llm.tokenizer, limits, job.cfg.seed, max_context)
         self.errors = sorted(p.errors + bad, key=lambda e: e.line)
         job.manifest.runs.append(self.run_entry)
         job.manifest.save(self.files.manifest)

@@ -7,11 +7,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from batchllm.batch_plan import plan_batch
 from batchllm.config import EngineConfig
-from batchllm.planner import Plan, build_plan
+from batchllm.limits import Limits, limits_of_config
+from batchllm.planner import Plan
 from batchllm.tokenizer import Tokenizer
 
-from .prepare import Limits, Prepared, limits_of_config, paused_gc, prepare, static_validator
+from .prepare import Prepared, paused_gc, prepare
 from .requests import ErrorRecord, ParsedFile, parse_file
 
 
@@ -63,30 +65,23 @@ def _size(n: int) -> str:
 
 
 def plan_file(path: str | Path, cfg: EngineConfig) -> PlanReport:
-    """Parse, tokenize and validate like `run-batch`, then plan as `LLM.plan` does: each request
-    with n samples becomes n sequences, expected output = max_tokens."""
+    """Parse, tokenize and validate like `run-batch`, then plan with `plan_batch`, as `LLM` does:
+    each request with n samples becomes n sequences, expected output = max_tokens."""
     t0 = time.monotonic()
     limits = limits_of_config(cfg)
     with paused_gc():
         parsed = parse_file(path)
-        prepared, bad = prepare(parsed.requests, Tokenizer(cfg.model), limits, static_validator(limits), None)
+        prepared, bad = prepare(parsed.requests, Tokenizer(cfg.model), limits, None)
         return _report(parsed, prepared, sorted(parsed.errors + bad, key=lambda e: e.line), cfg, limits, t0)
 
 
 def _report(parsed: ParsedFile, prepared: list[Prepared], bad: list[ErrorRecord], cfg: EngineConfig, limits: Limits,
             t0: float) -> PlanReport:
-    seqs: list[list[int]] = []
-    expected: list[int] = []
-    largest = 0
-    for p in prepared:
-        for ids, sp in zip(p.prompt_ids, p.params, strict=True):
-            seqs += [ids] * sp.n
-            expected += [sp.max_tokens] * sp.n
-            largest = max(largest, min(len(ids) + sp.max_tokens, limits.max_model_len))
-    # NOTE: the same arguments as `LLM._plan` (llm.py); keep the two in step.
-    plan = build_plan(seqs, block_size=cfg.block_size, expected_output_tokens=expected,
-                      partial_block=cfg.partial_block, order="decode-ratio" if cfg.decode_ratio_order else "input",
-                      global_groups=cfg.global_groups)
-    batch_kv = plan.stats.planned_prefill_tokens + sum(expected)
-    return PlanReport(parsed.num_lines, len(parsed.items), len(bad), len(seqs), plan, limits, largest, batch_kv,
-                      time.monotonic() - t0, [e.message for e in bad[:5]])
+    prompt_ids = [ids for p in prepared for ids in p.prompt_ids]
+    params = [sp for p in prepared for sp in p.params]
+    plan = plan_batch(cfg, prompt_ids, params)
+    largest = max((min(len(ids) + sp.max_tokens, limits.max_model_len) for ids, sp in zip(prompt_ids, params)),
+                  default=0)
+    batch_kv = plan.stats.planned_prefill_tokens + sum(sp.max_tokens * sp.n for sp in params)
+    return PlanReport(parsed.num_lines, len(parsed.items), len(bad), sum(sp.n for sp in params), plan, limits,
+                      largest, batch_kv, time.monotonic() - t0, [e.message for e in bad[:5]])

@@ -1,7 +1,7 @@
 """Tokenize and validate parsed requests; expand them into engine prompts ("units").
 
-Shared by `run-batch` (validated by `LLM.validate`) and `plan` (validated against `Limits`
-computed from the model folder and the engine settings, without loading weights).
+Shared by `run-batch` and `plan`; both validate against `Limits` (batchllm/limits.py): run-batch
+the loaded engine's, `plan` those computed from the model folder without loading weights.
 """
 
 from __future__ import annotations
@@ -10,22 +10,17 @@ import contextlib
 import dataclasses
 import gc
 import re
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-from batchllm.config import DEFAULT_KV_CACHE_MEMORY, EngineConfig
-from batchllm.executor.sampler import derive_seed
+from batchllm.limits import Limits
 from batchllm.sampling_params import SamplingParams
-from batchllm.validation import prompt_errors
+from batchllm.seeding import prompt_seeds
 from batchllm.tokenizer import Tokenizer
 
 from .requests import BatchRequest, ErrorRecord
 
 _ENCODE_CHUNK = 2048
-Validator = Callable[[list[list[int]], list[SamplingParams]], list[str]]
 
 
 @contextlib.contextmanager
@@ -38,66 +33,6 @@ def paused_gc() -> Iterator[None]:
     finally:
         if was:
             gc.enable()
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What the engine can hold: vocabulary, context length, KV pool size (tokens)."""
-
-    vocab_size: int
-    max_model_len: int
-    kv_pool_tokens: int
-    kv_bytes_per_token: int
-
-    @property
-    def max_context(self) -> int:
-        """The longest sequence (prompt + output) that fits: the cap for chat without max_tokens."""
-        return min(self.max_model_len, self.kv_pool_tokens)
-
-
-def limits_of_llm(llm: Any) -> Limits:
-    """Limits of a loaded `LLM`."""
-    e = llm.engine
-    return Limits(e.model_config.vocab_size, e.max_model_len, e.num_blocks * llm.config.block_size,
-                  e.kv_bytes_per_token)
-
-
-def limits_of_config(cfg: EngineConfig) -> Limits:
-    """Limits the engine would have for `cfg`, from config.json only (mirrors `Engine.__init__`)."""
-    from batchllm.models.loader import DTYPES, read_config
-
-    mc = read_config(Path(cfg.model))
-    limit = mc.max_position_embeddings
-    if mc.sliding_window:
-        limit = min(limit, mc.sliding_window)
-    if cfg.max_model_len is not None and cfg.max_model_len > limit:
-        raise ValueError(f"max_model_len {cfg.max_model_len} exceeds the model's limit {limit}")
-    per_token = mc.kv_bytes_per_token(DTYPES[mc.dtype if cfg.dtype == "auto" else cfg.dtype])
-    blocks = cfg.num_kv_blocks
-    if blocks is None:
-        memory = cfg.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY
-        blocks = memory // (per_token * cfg.block_size)
-        if blocks < 1:
-            raise ValueError(f"kv_cache_memory {memory} bytes holds no block of {cfg.block_size} tokens "
-                             f"({per_token} bytes per token)")
-    return Limits(mc.vocab_size, cfg.max_model_len or limit, blocks * cfg.block_size, per_token)
-
-
-def effective_dtype(cfg: EngineConfig) -> str:
-    """The dtype the engine runs in ("auto" = the checkpoint's)."""
-    from batchllm.models.loader import read_config
-
-    return read_config(Path(cfg.model)).dtype if cfg.dtype == "auto" else cfg.dtype
-
-
-def static_validator(limits: Limits) -> Validator:
-    """The checks of `LLM.validate`, from `limits` alone (for `plan`, which loads no weights)."""
-
-    def validate(prompt_ids: list[list[int]], params: list[SamplingParams]) -> list[str]:
-        return prompt_errors(prompt_ids, params, vocab_size=limits.vocab_size, max_model_len=limits.max_model_len,
-                             kv_pool_tokens=limits.kv_pool_tokens)
-
-    return validate
 
 
 @dataclass
@@ -121,9 +56,10 @@ class Unit:
 _PROMPT_PREFIX = re.compile(r"^prompt (\d+): ")
 
 
-def prepare(requests: Sequence[BatchRequest], tokenizer: Tokenizer, limits: Limits, validate: Validator,
-            engine_seed: int | None, max_context: int | None = None) -> tuple[list[Prepared], list[ErrorRecord]]:
-    """Tokenize (chat via the model's template), cap chat output, validate, fix sampling seeds.
+def prepare(requests: Sequence[BatchRequest], tokenizer: Tokenizer, limits: Limits, engine_seed: int | None,
+            max_context: int | None = None) -> tuple[list[Prepared], list[ErrorRecord]]:
+    """Tokenize (chat via the model's template), cap chat output, validate against `limits`
+    (`Limits.prompt_errors`, as `LLM.validate`), fix sampling seeds.
 
     Chat without max_tokens gets `max_context - prompt tokens` (default `limits.max_context`).
     Unseeded sampled prompts get the seed `LLM.generate` would give them over the whole file,
@@ -168,7 +104,7 @@ def prepare(requests: Sequence[BatchRequest], tokenizer: Tokenizer, limits: Limi
                     errors.append(ErrorRecord(r.line, r.custom_id, f"line {r.line}: {e} (the prompt leaves room for "
                                               f"{room} output tokens)", "invalid_value", "min_tokens"))
                     continue
-        problems = validate(ids, [params] * len(ids))
+        problems = limits.prompt_errors(ids, [params] * len(ids))
         if problems:
             if len(ids) == 1:
                 problems = [_PROMPT_PREFIX.sub("", m) for m in problems]
@@ -195,19 +131,15 @@ def _encode_unique(tokenizer: Tokenizer, texts: list[str], special: bool) -> lis
 
 
 def _fix_seeds(prepared: list[Prepared], engine_seed: int) -> None:
-    """Give unseeded sampled prompts the seed `LLM._make_seqs` derives (engine seed, prompt,
-    occurrence of the same prompt so far), computed over the whole file rather than the rest."""
+    """Write into unseeded sampled prompts the seed `LLM` would give them (`prompt_seeds`),
+    computed over the whole file rather than over what is left to run."""
     if not any(sp.seed is None and not sp.greedy for p in prepared for sp in p.params):
         return
-    seen: Counter[tuple[int, ...]] = Counter()
-    for p in prepared:
-        for k, ids in enumerate(p.prompt_ids):
-            key = tuple(ids)
-            occurrence = seen[key]
-            seen[key] += 1
-            sp = p.params[k]
-            if sp.seed is None and not sp.greedy:
-                p.params[k] = dataclasses.replace(sp, seed=derive_seed(engine_seed, hash(key), occurrence))
+    where = [(p, k) for p in prepared for k in range(len(p.prompt_ids))]
+    seeds = prompt_seeds([p.prompt_ids[k] for p, k in where], [p.params[k] for p, k in where], engine_seed)
+    for (p, k), seed in zip(where, seeds, strict=True):
+        if p.params[k].seed is None and seed is not None:
+            p.params[k] = dataclasses.replace(p.params[k], seed=seed)
 
 
 def units_of(prepared: Sequence[Prepared]) -> list[Unit]:

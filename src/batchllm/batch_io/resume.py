@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from batchllm.config import EngineConfig
+from batchllm.limits import limits_of_config
 
 from .manifest import Manifest, model_fingerprint
-from .prepare import effective_dtype, limits_of_config, paused_gc
+from .prepare import paused_gc
 from .progress import log
 from .requests import ParsedFile, parse_file
 from .writer import CorruptFileError, recover
@@ -99,7 +100,6 @@ def open_job(f: JobFiles, model: str, engine_kwargs: dict[str, Any], resume: boo
     try:
         cfg = EngineConfig.from_kwargs(model, **engine_kwargs)
         limits = limits_of_config(cfg)
-        dtype = effective_dtype(cfg)
     except (ValueError, TypeError, OSError) as e:  # ModelFolderError is a ValueError
         raise UsageError(str(e)) from e
     with paused_gc():
@@ -107,7 +107,7 @@ def open_job(f: JobFiles, model: str, engine_kwargs: dict[str, Any], resume: boo
     this = Manifest(
         input_path=str(f.input.resolve()), input_sha256=parsed.sha256,
         model_path=str(Path(model).resolve()), model_fingerprint=model_fingerprint(model),
-        settings={"dtype": dtype, "seed": cfg.seed, "max_model_len": limits.max_model_len},
+        settings={"dtype": limits.dtype, "seed": cfg.seed, "max_model_len": limits.max_model_len},
         engine={k: getattr(cfg, k) for k in THROUGHPUT_SETTINGS}, error_file=str(f.errors.resolve()))
     if existing and overwrite:
         for p in existing:

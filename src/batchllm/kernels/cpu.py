@@ -23,6 +23,8 @@ import torch
 
 from batchllm.config import cache_dir
 
+from .signatures import declare, mismatches
+
 HERE = Path(__file__).parent
 SOURCES = [HERE / "decode.c", HERE / "prefill.c", HERE / "norm.c", HERE / "argmax.c"]  # built into one library
 HEADERS = [HERE / "common.h", HERE / "pool.h", HERE / "pool_avx512.h"]
@@ -242,7 +244,14 @@ def load_cpu_kernels(directory: Path | None = None, portable: bool = False) -> C
         warnings.warn(f"batchllm: no C compiler found ({wanted}); CPU attention uses its PyTorch path", stacklevel=2)
         return None
     flags = [*FLAGS, "-DBATCHLLM_PORTABLE"] if portable else FLAGS
-    src = b"".join(f.read_bytes() for f in SOURCES + HEADERS)
+    texts = {f.name: f.read_bytes() for f in SOURCES + HEADERS}
+    # A ctypes signature out of step with its C prototype would corrupt memory on the first call:
+    # refuse to load instead (tests/test_kernel_signatures.py runs the same check).
+    problems = mismatches({name: text.decode() for name, text in texts.items()})
+    if problems:
+        raise RuntimeError("batchllm: the ctypes signatures (kernels/signatures.py) disagree with the C kernels: "
+                           + "; ".join(problems))
+    src = b"".join(texts.values())
     key = hashlib.sha256(src + " ".join([cc, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
     out = (directory or cache_dir() / "kernels") / f"attention-{key}.so"
     if not out.exists():
@@ -261,24 +270,5 @@ def load_cpu_kernels(directory: Path | None = None, portable: bool = False) -> C
             return None
         os.replace(tmp, out)  # atomic: a concurrent process sees the old state or the whole library
     lib = ctypes.CDLL(str(out))
-    lib.paged_decode.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                                                          ctypes.c_void_p] + [ctypes.c_int64] * 5 + [
-        ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-    lib.paged_decode.restype = None
-    lib.avx512_decode.argtypes, lib.avx512_decode.restype = [], ctypes.c_int
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.shared_decode_work.argtypes, lib.shared_decode_work.restype = [i64] * 6, i64
-    lib.shared_decode.argtypes = [ptr] * 3 + [i64, i64, ptr, ptr, i64, ptr, ptr, i64, ptr] + [i64] * 4 + [
-        ctypes.c_float, ctypes.c_int, i64, ptr, ptr, i64, ctypes.c_int]
-    lib.shared_decode.restype = None
-    lib.prefill_work.argtypes, lib.prefill_work.restype = [i64] * 3, i64
-    lib.prefill_pack.argtypes, lib.prefill_pack.restype = [ptr, i64, i64, i64, ctypes.c_int], i64
-    lib.paged_prefill.argtypes = [ptr] * 3 + [i64, i64, ptr, i64, ptr, ptr, i64] + [ptr] * 3 + [i64] * 5 + [
-        ctypes.c_float, ctypes.c_int] + [ptr] * 4 + [i64, ctypes.c_int]
-    lib.paged_prefill.restype = ctypes.c_int
-    lib.rms_norm.argtypes = [ptr] * 4 + [i64, i64, ctypes.c_float, ctypes.c_int, ctypes.c_int]
-    lib.silu_mul.argtypes = [ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_int]
-    lib.rms_norm.restype = lib.silu_mul.restype = None
-    lib.argmax_rows.argtypes = [ptr, i64, i64, ctypes.c_int, ptr, ptr, ctypes.c_int]
-    lib.argmax_rows.restype = None
+    declare(lib)
     return CpuKernels(lib, out)
