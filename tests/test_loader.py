@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from batchllm import LLM, SamplingParams
 from batchllm.models.config import ARCHITECTURES
-from batchllm.models.loader import read_config
+from batchllm.models.folder import read_config
 from batchllm.testing import EOS_ID, IM_END_ID
 
 PROMPTS = [[5, 17, 300, 42, 7, 99, 512, 8], [900, 11, 12, 13] * 6, [64] * 3, list(range(100, 150))]
@@ -297,3 +297,12 @@ def test_packed_linear_weights_give_identical_results(model_factory: Callable[..
     assert torch.equal(packed.embed_tokens.weight, plain.embed_tokens.weight)  # a tied embedding keeps its weight
     fp32 = load_model(path, cfg, torch.float32, cpu, 64, pack_weights=True)
     assert not fp32.lm_head.weight.is_mkldnn and fp32.pack_linear_weights() == 0
+
+
+def test_dtype_tables_agree() -> None:
+    """The torch dtypes the loader builds in and the byte sizes the KV limits are computed with."""
+    from batchllm.models.config import DTYPE_BYTES
+    from batchllm.models.loader import DTYPES
+
+    assert set(DTYPES) == set(DTYPE_BYTES)
+    assert all(torch.finfo(DTYPES[k]).bits // 8 == DTYPE_BYTES[k] for k in DTYPES)

@@ -14,7 +14,8 @@ from batchllm.executor.runner import ModelRunner
 from batchllm.executor.sampler import Sampler
 from batchllm.kernels.cpu import DTYPES as KERNEL_DTYPES, load_cpu_kernels
 from batchllm.limits import engine_limits
-from batchllm.models.loader import DTYPES, load_model, read_config
+from batchllm.models.folder import read_config
+from batchllm.models.loader import DTYPES, load_model
 from batchllm.outputs import RunStats
 from batchllm.planner import Plan
 from batchllm.scheduler.policies import make_scheduler

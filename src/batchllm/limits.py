@@ -53,15 +53,13 @@ def effective_dtype(cfg: EngineConfig, mc: ModelConfig) -> str:
 def engine_limits(cfg: EngineConfig, mc: ModelConfig) -> Limits:
     """The limits an engine for `cfg` and the model `mc` runs with; ValueError for a
     `max_model_len` beyond the model's or a KV memory too small for one block."""
-    from batchllm.models.loader import DTYPES  # torch: loaded anyway by the time a ModelConfig exists
-
     limit = mc.max_position_embeddings
     if mc.sliding_window:  # NOTE: no sliding-window attention: stay inside the window.
         limit = min(limit, mc.sliding_window)
     if cfg.max_model_len is not None and cfg.max_model_len > limit:
         raise ValueError(f"max_model_len {cfg.max_model_len} exceeds the model's limit {limit}")
     dtype = effective_dtype(cfg, mc)
-    per_token = mc.kv_bytes_per_token(DTYPES[dtype])
+    per_token = mc.kv_bytes_per_token(dtype)
     blocks = cfg.num_kv_blocks
     if blocks is None:
         memory = cfg.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY
@@ -74,6 +72,6 @@ def engine_limits(cfg: EngineConfig, mc: ModelConfig) -> Limits:
 
 def limits_of_config(cfg: EngineConfig) -> Limits:
     """`engine_limits` for `cfg`'s model folder, from its config.json alone (no weights loaded)."""
-    from batchllm.models.loader import read_config
+    from batchllm.models.folder import read_config
 
     return engine_limits(cfg, read_config(Path(cfg.model)))

@@ -1,11 +1,12 @@
 """Which seed each prompt's samples draw from: `LLM` seeds its generators with it, and run-batch
 writes it into the requests up front, so a resumed job samples what an uninterrupted one does.
 
-No module-level torch import (batch_io imports this module).
+No torch import: batch_io and the `plan` command use this module.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -14,13 +15,17 @@ if TYPE_CHECKING:
     from batchllm.sampling_params import SamplingParams
 
 
+def derive_seed(*parts: int) -> int:
+    """A stable 63-bit seed from integers (independent of Python's hash randomisation)."""
+    h = hashlib.blake2b(",".join(map(str, parts)).encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
 def prompt_seeds(prompt_ids: Sequence[Sequence[int]], params: Sequence[SamplingParams],
                  engine_seed: int) -> list[int | None]:
     """Per prompt: its own `seed`, else one derived from the engine seed, the prompt's tokens and
     how often the same prompt came before it in the list (never its position in the batch);
     None for greedy prompts, which draw nothing."""
-    from batchllm.executor.sampler import derive_seed  # hashlib only, but its module imports torch
-
     seeds: list[int | None] = []
     seen: Counter[tuple[int, ...]] = Counter()
     for ids, p in zip(prompt_ids, params, strict=True):
@@ -36,6 +41,4 @@ def prompt_seeds(prompt_ids: Sequence[Sequence[int]], params: Sequence[SamplingP
 
 def sample_seed(prompt_seed: int, sample_index: int) -> int:
     """The generator seed of sample `sample_index` (0 .. n-1) of a prompt seeded `prompt_seed`."""
-    from batchllm.executor.sampler import derive_seed
-
     return derive_seed(prompt_seed, sample_index)

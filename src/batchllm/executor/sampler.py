@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
 
 from batchllm.kernels.cpu import CpuKernels
 from batchllm.sequence import Sequence
-
-
-def derive_seed(*parts: int) -> int:
-    """A stable 63-bit seed from integers (independent of Python's hash randomisation)."""
-    h = hashlib.blake2b(",".join(map(str, parts)).encode(), digest_size=8)
-    return int.from_bytes(h.digest(), "little") >> 1
 
 
 @dataclass

@@ -9,47 +9,10 @@ import torch
 from safetensors import safe_open
 
 from batchllm.models.config import ModelConfig
+from batchllm.models.folder import ModelFolderError, weight_files
 from batchllm.models.llama import CausalLM, Rotary
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelFolderError(ValueError):
-    """The model folder is missing a file or holds an unusable one."""
-
-
-def weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a folder, from the index when there is one."""
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({path / f for f in weight_map.values()})
-        missing = [f.name for f in files if not f.exists()]
-        if missing:
-            raise ModelFolderError(f"{path}: shard(s) named in the index are missing: {', '.join(missing)}")
-        return files
-    return sorted(path.glob("*.safetensors"))
-
-
-def check_folder(path: Path) -> None:
-    """Raise one ModelFolderError naming everything a model folder lacks."""
-    if not path.is_dir():
-        raise ModelFolderError(f"model folder {str(path)!r} does not exist (batchllm loads local folders only)")
-    missing = [name for name in ("config.json", "tokenizer.json") if not (path / name).exists()]
-    if not (path / "model.safetensors.index.json").exists() and not list(path.glob("*.safetensors")):
-        missing.append("*.safetensors weights")
-    if missing:
-        raise ModelFolderError(f"model folder {str(path)!r} lacks: {', '.join(missing)}")
-
-
-def read_config(path: str | Path) -> ModelConfig:
-    path = Path(path)
-    check_folder(path)
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise ModelFolderError(f"{path / 'config.json'} is not valid JSON: {e}") from e
-    return ModelConfig.from_hf(raw)
 
 
 def _hf_to_ours(name: str) -> tuple[str, int | None]:
