@@ -1,5 +1,6 @@
 """The block manager's automatic prefix cache (fcfs-lru / lpm): a sequence's hash chain is kept
-and extended as it grows, and must match the chain of any other sequence with the same tokens."""
+and extended as it grows, must match the chain of any other sequence with the same tokens, and
+must not match a different one even where Python's own hash collides."""
 
 from __future__ import annotations
 
@@ -40,6 +41,30 @@ def test_cached_blocks_leave_the_last_token_to_compute() -> None:
     computed(bm, a)
     assert bm.cached_prefix_blocks(seq(1, list(range(8)))) == a.block_table[:1]
     assert bm.cached_prefix_blocks(seq(2, list(range(9)))) == a.block_table[:2]
+
+
+# Python hashes an int modulo the prime 2**61 - 1, so ids this far apart hash equal (as would a
+# tuple of them): the collision a `hash((parent, tuple(tokens)))` chain cannot tell apart.
+PRIME = 2**61 - 1
+
+
+def test_blocks_colliding_under_pythons_hash_are_not_reused() -> None:
+    assert hash((0, (5, 6, 7, 8))) == hash((0, (5 + PRIME, 6, 7, 8)))
+    bm = BlockManager(16, BS, enable_caching=True)
+    a = seq(0, [5, 6, 7, 8, 9, 10, 11, 12, 13])
+    computed(bm, a)
+    assert bm.cached_prefix_blocks(seq(1, [5 + PRIME, 6, 7, 8, 9])) == []  # first block collides
+    assert bm.cached_prefix_blocks(seq(2, [5, 6, 7, 8, 9 + PRIME, 10, 11, 12, 13])) == a.block_table[:1]  # second
+    assert bm.cached_prefix_blocks(seq(3, a.token_ids)) == a.block_table[:2]
+
+
+def test_a_block_is_keyed_by_everything_before_it() -> None:
+    """The same four tokens after different first blocks are different cache entries."""
+    bm = BlockManager(16, BS, enable_caching=True)
+    a = seq(0, [1, 2, 3, 4, 50, 51, 52, 53, 9])
+    computed(bm, a)
+    assert bm.cached_prefix_blocks(seq(1, [1, 2, 3, 5, 50, 51, 52, 53, 9])) == []
+    assert bm.cached_prefix_blocks(seq(2, [50, 51, 52, 53, 9])) == []
 
 
 def test_evicted_blocks_are_not_found() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections import OrderedDict
 
 from batchllm.sequence import Sequence
@@ -20,6 +22,13 @@ class BlockManager:
     prefix pseudo-sequence and by every member. With `enable_caching` (the `fcfs-lru` and `lpm`
     policies) a full block whose count drops to zero keeps its content, keyed by a hash chain
     over the tokens up to its end, and is evicted least-recently-used first when space is needed.
+
+    NOTE: the chain is a 128-bit BLAKE2b digest of the previous block's digest and the block's
+    token ids as fixed-width 64-bit integers, and a lookup trusts it without comparing tokens, so
+    it has to be collision-free in practice: Python's 64-bit `hash` of a tuple is not (equal for
+    ids that differ by 2**61 - 1, and forgeable), and a collision would silently reuse another
+    prompt's KV. A digest costs about 1 us per block, once per block of a sequence (the chain is
+    kept and extended, see `_seq_hashes`); lookups stay dictionary lookups.
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = False) -> None:
@@ -34,13 +43,14 @@ class BlockManager:
         self._claim = [-1] * (num_blocks + 1)
         self._claims: dict[int, range] = {}  # seq_id -> the blocks it claimed
         self._num_free = num_blocks
-        self._hash_to_block: dict[int, int] = {}
-        self._block_to_hash: dict[int, int] = {}
+        self._hash_to_block: dict[bytes, int] = {}
+        self._block_to_hash: dict[int, bytes] = {}
+        self._pack_block = struct.Struct(f"<{block_size}q").pack
         self._evictable: OrderedDict[int, None] = OrderedDict()  # ref 0, cached; LRU first
         # NOTE: per sequence, the hash chain of its leading full blocks, extended as it grows: a
         # sequence's tokens are only ever appended to, so a computed hash stays valid, and the lpm
         # queue's every look at 128 waiting prompts costs dictionary lookups, not rehashing.
-        self._seq_hashes: dict[int, list[int]] = {}
+        self._seq_hashes: dict[int, list[bytes]] = {}
 
     # ---- accounting -------------------------------------------------------------------------
     @property
@@ -149,12 +159,12 @@ class BlockManager:
         seq.num_computed_tokens = 0
 
     # ---- automatic prefix cache (fcfs-lru / lpm) ---------------------------------------------
-    def _chain_hashes(self, seq: Sequence, num_blocks: int) -> list[int]:
-        """Hashes of `seq`'s first `num_blocks` blocks, each over its tokens and the previous hash."""
+    def _chain_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        """Digests of `seq`'s first `num_blocks` blocks, each over the previous digest and its tokens."""
         hashes, bs = self._seq_hashes.setdefault(seq.seq_id, []), self.block_size
-        h = hashes[-1] if hashes else 0
+        h = hashes[-1] if hashes else b""
         for i in range(len(hashes), num_blocks):
-            h = hash((h, tuple(seq.token_ids[i * bs:(i + 1) * bs])))
+            h = hashlib.blake2b(h + self._pack_block(*seq.token_ids[i * bs:(i + 1) * bs]), digest_size=16).digest()
             hashes.append(h)
         return hashes[:num_blocks]
 
