@@ -18,9 +18,9 @@ def seq(seq_id: int, tokens: list[int]) -> Sequence:
 
 def computed(bm: BlockManager, s: Sequence) -> None:
     """Give `s` blocks for all its tokens, mark them computed and publish its full blocks."""
-    assert bm.allocate(s, s.num_uncomputed_tokens)
-    s.num_computed_tokens = s.num_tokens
-    bm.commit_full_blocks(s)
+    n = s.num_uncomputed_tokens
+    assert bm.allocate(s, n)
+    bm.advance(s, n)
 
 
 def test_grown_sequence_hashes_match_a_fresh_one() -> None:
@@ -81,8 +81,9 @@ def test_evicted_blocks_are_not_found() -> None:
 def grow(bm: BlockManager, s: Sequence, tokens: int) -> None:
     """Append `tokens` generated tokens to `s` one at a time, allocating as a decode step would."""
     for _ in range(tokens):
-        assert bm.allocate(s, s.num_uncomputed_tokens)
-        s.num_computed_tokens = s.num_tokens
+        n = s.num_uncomputed_tokens
+        assert bm.allocate(s, n)
+        bm.advance(s, n)
         s.token_ids.append(0)
 
 
