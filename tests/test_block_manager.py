@@ -1,5 +1,6 @@
 """The block manager's automatic prefix cache (fcfs-lru / lpm): a sequence's hash chain is kept
-and extended as it grows, and must match the chain of any other sequence with the same tokens."""
+and extended as it grows, must match the chain of any other sequence with the same tokens, and
+must not match a different one even where Python's own hash collides."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ def seq(seq_id: int, tokens: list[int]) -> Sequence:
 
 def computed(bm: BlockManager, s: Sequence) -> None:
     """Give `s` blocks for all its tokens, mark them computed and publish its full blocks."""
-    assert bm.allocate(s, s.num_uncomputed_tokens)
-    s.num_computed_tokens = s.num_tokens
-    bm.commit_full_blocks(s)
+    n = s.num_uncomputed_tokens
+    assert bm.allocate(s, n)
+    bm.advance(s, n)
 
 
 def test_grown_sequence_hashes_match_a_fresh_one() -> None:
@@ -42,6 +43,30 @@ def test_cached_blocks_leave_the_last_token_to_compute() -> None:
     assert bm.cached_prefix_blocks(seq(2, list(range(9)))) == a.block_table[:2]
 
 
+# Python hashes an int modulo the prime 2**61 - 1, so ids this far apart hash equal (as would a
+# tuple of them): the collision a `hash((parent, tuple(tokens)))` chain cannot tell apart.
+PRIME = 2**61 - 1
+
+
+def test_blocks_colliding_under_pythons_hash_are_not_reused() -> None:
+    assert hash((0, (5, 6, 7, 8))) == hash((0, (5 + PRIME, 6, 7, 8)))
+    bm = BlockManager(16, BS, enable_caching=True)
+    a = seq(0, [5, 6, 7, 8, 9, 10, 11, 12, 13])
+    computed(bm, a)
+    assert bm.cached_prefix_blocks(seq(1, [5 + PRIME, 6, 7, 8, 9])) == []  # first block collides
+    assert bm.cached_prefix_blocks(seq(2, [5, 6, 7, 8, 9 + PRIME, 10, 11, 12, 13])) == a.block_table[:1]  # second
+    assert bm.cached_prefix_blocks(seq(3, a.token_ids)) == a.block_table[:2]
+
+
+def test_a_block_is_keyed_by_everything_before_it() -> None:
+    """The same four tokens after different first blocks are different cache entries."""
+    bm = BlockManager(16, BS, enable_caching=True)
+    a = seq(0, [1, 2, 3, 4, 50, 51, 52, 53, 9])
+    computed(bm, a)
+    assert bm.cached_prefix_blocks(seq(1, [1, 2, 3, 5, 50, 51, 52, 53, 9])) == []
+    assert bm.cached_prefix_blocks(seq(2, [50, 51, 52, 53, 9])) == []
+
+
 def test_evicted_blocks_are_not_found() -> None:
     bm = BlockManager(2, BS, enable_caching=True)
     a = seq(0, list(range(8)))
@@ -56,8 +81,9 @@ def test_evicted_blocks_are_not_found() -> None:
 def grow(bm: BlockManager, s: Sequence, tokens: int) -> None:
     """Append `tokens` generated tokens to `s` one at a time, allocating as a decode step would."""
     for _ in range(tokens):
-        assert bm.allocate(s, s.num_uncomputed_tokens)
-        s.num_computed_tokens = s.num_tokens
+        n = s.num_uncomputed_tokens
+        assert bm.allocate(s, n)
+        bm.advance(s, n)
         s.token_ids.append(0)
 
 

@@ -19,7 +19,7 @@ from batchllm.models.loader import DTYPES, load_model
 from batchllm.outputs import RunStats
 from batchllm.planner import Plan
 from batchllm.scheduler.policies import make_scheduler
-from batchllm.sequence import Sequence, SequenceStatus
+from batchllm.sequence import Sequence
 from batchllm.tokenizer import Tokenizer
 from batchllm.attention.select import make_backend
 
@@ -78,15 +78,13 @@ class Engine:
             stats.peak_kv_blocks = max(stats.peak_kv_blocks, sched.bm.num_used_blocks)
             logits, row_seqs = self.runner.run(out)
             stats.prefix_shared_attention_steps += self.runner.last_path == "prefix-shared"
-            for seq, n in zip(out.seqs, out.num_tokens):
-                seq.num_computed_tokens += n
             sched.after_step(out)
             result = self.sampler(logits, [out.seqs[i] for i in row_seqs], self.eos_token_ids) if row_seqs else None
             for j, i in enumerate(row_seqs):
                 seq = out.seqs[i]
-                self._append(seq, result.token_ids[j], result.logprobs[j], result.top_logprobs[j])
-                if seq.is_finished:
-                    sched.finish(seq)
+                reason = self._append(seq, result.token_ids[j], result.logprobs[j], result.top_logprobs[j])
+                if reason is not None:
+                    sched.finish(seq, reason)
                     stats.output_tokens += seq.num_output_tokens
                     yield seq
             stats.steps += 1
@@ -99,8 +97,8 @@ class Engine:
         stats.wall_time_s = time.perf_counter() - start
         stats.kv_blocks_in_use_at_end = sched.bm.num_used_blocks
 
-    def _append(self, seq: Sequence, token: int, logprob: float | None, top: dict[int, float] | None) -> None:
-        """Append a sampled token and decide whether the sequence is finished."""
+    def _append(self, seq: Sequence, token: int, logprob: float | None, top: dict[int, float] | None) -> str | None:
+        """Append a sampled token; return why the sequence is finished ("stop", "length") or None."""
         seq.token_ids.append(token)
         p = seq.params
         if top is not None:
@@ -121,6 +119,4 @@ class Engine:
                     reason, seq.stop_reason, seq.stop_text = "stop", s, text[:at]
         if reason is None and (n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len):
             reason = "length"
-        if reason is not None:
-            seq.finish_reason = reason
-            seq.status = SequenceStatus.FINISHED
+        return reason

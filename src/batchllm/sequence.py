@@ -11,6 +11,10 @@ from batchllm.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
+    """WAITING -> RUNNING (admitted) -> FINISHED, or back to WAITING when preempted. A prefix
+    pseudo-sequence is never finished: it stays RUNNING once admitted, and the batchllm policy
+    frees its blocks after its group's last member."""
+
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
@@ -22,6 +26,16 @@ class Sequence:
 
     A *prefix* sequence (`is_prefix=True`) is the prefill-only pseudo-request of a
     prefix-sharing group: it is never sampled and never returned.
+
+    Each piece of state has one owner, the only code that changes it (tests/test_scheduler_parts.py
+    checks this):
+    - `status`, `finish_reason`: the `Scheduler` (admit, preempt, `finish(seq, reason)`); the
+      engine decides the reason and asks the scheduler to finish.
+    - `block_table`, `num_computed_tokens`, `num_shared_blocks`, `num_cached_tokens`: the
+      `BlockManager` (`attach` existing KV at admission, `allocate`, `advance` after a step, `free`).
+    - `token_ids` (appended), `logprobs`, `cumulative_logprob`, `stop_reason`, `stop_text`: the
+      engine, as it samples and applies the stop rules.
+    - `group_id`: `scheduler.groups.build_groups`.
     """
 
     seq_id: int
@@ -34,7 +48,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
-    # Leading blocks of `block_table` owned by the group prefix (shared, never freed by us).
+    # Leading blocks of `block_table` that are its group prefix's: referenced, never written (the
+    # prefix-shared attention reads them once per group).
     num_shared_blocks: int = 0
     is_prefix: bool = False
     group_id: int = -1
@@ -44,6 +59,8 @@ class Sequence:
     stop_reason: int | str | None = None
     # Text cut at a stop string (set when a stop string ends the sequence).
     stop_text: str | None = None
+    # Prompt tokens whose KV the sequence reused (prefix-cache hits or its group's prefix) when it
+    # was last admitted.
     num_cached_tokens: int = 0
 
     @property

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from batchllm.planner import Plan
+from collections.abc import Iterable
+
 from batchllm.scheduler.block_manager import BlockManager
-from batchllm.scheduler.groups import GroupState, PlanQueue, build_groups
-from batchllm.scheduler.scheduler import Scheduler, SchedulerOutput
+from batchllm.scheduler.groups import GroupState
+from batchllm.scheduler.scheduler import FROM_SCRATCH, Start
 from batchllm.sequence import Sequence
 
 # NOTE: a group's prefix starts only if the pool can also hold this many of its members,
@@ -13,23 +14,24 @@ from batchllm.sequence import Sequence
 MEMBERS_WITH_PREFIX = 2
 
 
-class BatchScheduler(Scheduler):
-    """docs/design.md §2.3, §3.1 and §3.3.
+class GroupPolicy:
+    """The batchllm `Policy` over the groups of a plan (admitted in plan order by `PlanQueue`).
+    docs/design.md §2.3, §3.1 and §3.3.
 
     - A shared group's prefix is prefilled once by a prefill-only pseudo-sequence (chunked like
       any prompt, never sampled); members join when it is complete, referencing its full blocks
       and receiving a copy of its last partial block, and then compute only their own part.
-    - The prefix blocks are pinned until the group's last member finishes; preemption never
-      picks a prefix.
+    - The prefix blocks are pinned until the group's last member finishes (the scheduler never
+      preempts a prefix to make room for another sequence).
     - With `memory_centric`, admission is bounded by KV memory, `used + reserve + need <=
       threshold * pool` (reserve = blocks running sequences will still grow by, assuming they
       produce `max_tokens`), not by a request cap.
     """
 
-    def __init__(self, block_manager: BlockManager, plan: Plan, seqs: list[Sequence], max_num_batched_tokens: int,
-                 max_num_seqs: int | None, memory_centric: bool, kv_threshold: float) -> None:
-        self.groups = build_groups(plan, seqs)
-        super().__init__(block_manager, PlanQueue(self.groups), max_num_batched_tokens, max_num_seqs)
+    def __init__(self, block_manager: BlockManager, groups: list[GroupState], memory_centric: bool,
+                 kv_threshold: float) -> None:
+        self.bm = block_manager
+        self.groups = groups
         self.memory_centric = memory_centric
         self.limit_blocks = int(kv_threshold * block_manager.num_blocks)
         self._by_gid = {g.gid: g for g in self.groups}
@@ -62,61 +64,50 @@ class BatchScheduler(Scheduler):
                     f"{self.bm.block_size} tokens; raise kv_cache_memory/num_kv_blocks or lower max_tokens"
                 )
 
-    def _reserve_blocks(self) -> int:
-        return sum(max(0, self._final_blocks(s) - len(s.block_table)) for s in self.running if not s.is_prefix)
+    def _reserve_blocks(self, running: list[Sequence]) -> int:
+        return sum(max(0, self._final_blocks(s) - len(s.block_table)) for s in running if not s.is_prefix)
 
-    def _prefixes_fit(self, g: GroupState) -> bool:
+    def _prefixes_fit(self, g: GroupState, running: list[Sequence], preempted: Iterable[Sequence]) -> bool:
         """Starting `g`'s prefix keeps every started sequence runnable: the prefixes pinned so far,
         plus `g`'s, plus the largest own part of any member of their groups or of any running or
         preempted sequence fit in the pool. Pinned prefixes are never preempted, so then any one
         of those sequences can always run to the end once the others are preempted."""
-        started = [x for x in (*self.running, *self.waiting.preempted) if not x.is_prefix]
+        started = [x for x in (*running, *preempted) if not x.is_prefix]
         member = max([self._max_own[x] for x in (*self._live, g.gid)] +
                      [self._own_need(x, self._by_gid[x.group_id]) if x.group_id in self._by_gid else self._final_blocks(x)
                       for x in started])
         pinned = self._pinned + (0 if g.gid in self._live else self.bm.blocks_for(g.prefix_len))
         return pinned + member <= self.bm.num_blocks
 
-    def _admission_ok(self, seq: Sequence, n: int) -> bool:
+    # ---- the Policy ---------------------------------------------------------------------------
+    def start(self, seq: Sequence) -> Start:
+        """A member of a shared group starts on its prefix's full blocks, and a copy of the
+        prefix's partial last block if the prefix does not end on a block boundary."""
+        g = self._by_gid.get(seq.group_id)
+        if seq.is_prefix or g is None or g.prefix is None:
+            return FROM_SCRATCH
+        full, partial = divmod(g.prefix_len, self.bm.block_size)
+        table = g.prefix.block_table
+        return Start(table[:full], g.prefix_len, shared=True, copy_from=table[full] if partial else None)
+
+    def allows(self, seq: Sequence, n: int, running: list[Sequence], preempted: Iterable[Sequence]) -> bool:
         # NOTE: the prefix rules hold with or without memory-centric admission: pinned prefixes are
         # never preempted, so a sequence that could not fit beside them would stall the run.
-        if seq.is_prefix and not self._prefixes_fit(self._by_gid[seq.group_id]):
+        if seq.is_prefix and not self._prefixes_fit(self._by_gid[seq.group_id], running, preempted):
             return False
         if (not seq.is_prefix and seq.group_id not in self._by_gid
                 and self._pinned + self._final_blocks(seq) > self.bm.num_blocks):
             return False  # an ungrouped sequence waits until enough prefixes are released
-        if not self.memory_centric or not self.running:
+        if not self.memory_centric or not running:
             return True  # the allocation itself decides (and an idle engine always admits)
         g = self._by_gid.get(seq.group_id)
         if seq.is_prefix:
             need = len(seq.block_table) + self.bm.blocks_for(seq.num_tokens) + self._first_members[g.gid]
         else:
             need = max(0, self._final_blocks(seq) - len(seq.block_table))
-        return self.bm.num_used_blocks + self._reserve_blocks() + need <= self.limit_blocks
+        return self.bm.num_used_blocks + self._reserve_blocks(running) + need <= self.limit_blocks
 
-    # ---- group life cycle -------------------------------------------------------------------
-    def _preemptible(self, seq: Sequence) -> bool:
-        return not seq.is_prefix
-
-    def _admit_setup(self, seq: Sequence) -> list[tuple[int, int]] | None:
-        g = self._by_gid.get(seq.group_id)
-        if seq.is_prefix or g is None or g.prefix is None:
-            return []
-        bs = self.bm.block_size
-        full = g.prefix_len // bs
-        seq.block_table = g.prefix.block_table[:full]
-        self.bm.share(seq.block_table)
-        seq.num_shared_blocks = full
-        seq.num_computed_tokens = g.prefix_len
-        seq.num_cached_tokens = g.prefix_len
-        if g.prefix_len % bs == 0:
-            return []
-        if not self.bm.allocate(seq, 0):  # the member's own first block, receiving the partial one
-            self._admit_undo(seq)
-            return None
-        return [(g.prefix.block_table[full], seq.block_table[full])]
-
-    def _admitted(self, seq: Sequence) -> None:
+    def admitted(self, seq: Sequence) -> None:
         # NOTE: a prefix still prefilling can preempt itself when nothing else can make room, and
         # comes back later: it is pinned once.
         if seq.is_prefix and seq.group_id not in self._live:
@@ -124,13 +115,8 @@ class BatchScheduler(Scheduler):
             self._live[g.gid] = g
             self._pinned += self.bm.blocks_for(g.prefix_len)
 
-    def after_step(self, out: SchedulerOutput) -> None:
-        for seq in out.seqs:
-            if seq.is_prefix and seq.num_computed_tokens == seq.num_tokens and seq in self.running:
-                self.running.remove(seq)  # complete: pinned, not scheduled any more
-
-    def finish(self, seq: Sequence) -> None:
-        super().finish(seq)
+    def finished(self, seq: Sequence) -> None:
+        """The group's last member to finish releases the prefix blocks."""
         g = self._by_gid.get(seq.group_id)
         if g is None:
             return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections import OrderedDict
 
 from batchllm.sequence import Sequence
@@ -20,6 +22,13 @@ class BlockManager:
     prefix pseudo-sequence and by every member. With `enable_caching` (the `fcfs-lru` and `lpm`
     policies) a full block whose count drops to zero keeps its content, keyed by a hash chain
     over the tokens up to its end, and is evicted least-recently-used first when space is needed.
+
+    NOTE: the chain is a 128-bit BLAKE2b digest of the previous block's digest and the block's
+    token ids as fixed-width 64-bit integers, and a lookup trusts it without comparing tokens, so
+    it has to be collision-free in practice: Python's 64-bit `hash` of a tuple is not (equal for
+    ids that differ by 2**61 - 1, and forgeable), and a collision would silently reuse another
+    prompt's KV. A digest costs under 1 us, once per block of a sequence (the chain is
+    kept and extended, see `_seq_hashes`); lookups stay dictionary lookups.
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = False) -> None:
@@ -34,13 +43,14 @@ class BlockManager:
         self._claim = [-1] * (num_blocks + 1)
         self._claims: dict[int, range] = {}  # seq_id -> the blocks it claimed
         self._num_free = num_blocks
-        self._hash_to_block: dict[int, int] = {}
-        self._block_to_hash: dict[int, int] = {}
+        self._hash_to_block: dict[bytes, int] = {}
+        self._block_to_hash: dict[int, bytes] = {}
+        self._pack_block = struct.Struct(f"<{block_size}q").pack
         self._evictable: OrderedDict[int, None] = OrderedDict()  # ref 0, cached; LRU first
         # NOTE: per sequence, the hash chain of its leading full blocks, extended as it grows: a
         # sequence's tokens are only ever appended to, so a computed hash stays valid, and the lpm
         # queue's every look at 128 waiting prompts costs dictionary lookups, not rehashing.
-        self._seq_hashes: dict[int, list[int]] = {}
+        self._seq_hashes: dict[int, list[bytes]] = {}
 
     # ---- accounting -------------------------------------------------------------------------
     @property
@@ -116,11 +126,6 @@ class BlockManager:
             seq.block_table.append(self._take_block(seq))
         return True
 
-    def share(self, blocks: list[int]) -> None:
-        """Add one reference to each of `blocks` (a member joining its group's prefix)."""
-        for b in blocks:
-            self._incref(b)
-
     def _incref(self, block: int) -> None:
         if self.ref_counts[block] == 0:
             self._evictable.pop(block, None)
@@ -139,8 +144,38 @@ class BlockManager:
                     self._open[b] = int(self._claim[b] == -1)
                     self._num_free += 1
 
+    def attach(self, seq: Sequence, blocks: list[int], num_computed: int, shared: bool = False) -> None:
+        """Start `seq`, which holds no blocks, on existing KV: reference `blocks` as the head of its
+        table and count its first `num_computed` tokens as computed (and as cached, for its output).
+
+        `blocks` hold at least the first `num_computed // block_size` full blocks' KV: prefix-cache
+        hits (`cached_prefix_blocks`) or a group prefix's full blocks (`shared=True`: the
+        attention may read them once for the whole group). A `num_computed` past the last of them
+        ends inside the sequence's next block, whose KV the caller copies there from the prefix's
+        partial block once `allocate` has given it one.
+        """
+        assert not seq.block_table, "attach starts a sequence that holds no blocks"
+        for b in blocks:
+            self._incref(b)
+        seq.block_table = list(blocks)
+        seq.num_shared_blocks = len(blocks) if shared else 0
+        seq.num_computed_tokens = seq.num_cached_tokens = num_computed
+
+    def advance(self, seq: Sequence, n: int) -> None:
+        """The KV of `seq`'s next `n` tokens is now in its blocks (after a forward pass).
+
+        NOTE: with caching, full blocks are published after prefill chunks only (a prompt, or a
+        recompute after preemption), not after single decode tokens, so a decode step hashes
+        nothing; blocks filled by generated tokens are published only when a preempted sequence
+        recomputes them.
+        """
+        seq.num_computed_tokens += n
+        if self.enable_caching and (n > 1 or seq.num_output_tokens == 0):
+            self._publish_full_blocks(seq)
+
     def free(self, seq: Sequence) -> None:
-        """Release every block of `seq` and forget its KV (finish or preemption)."""
+        """Release every block of `seq` and forget its KV (finish, preemption, or a failed admission).
+        `num_cached_tokens` stays: it is part of a finished sequence's output."""
         self._seq_hashes.pop(seq.seq_id, None)
         self._release_claims(seq.seq_id)
         self.release(seq.block_table)
@@ -149,12 +184,12 @@ class BlockManager:
         seq.num_computed_tokens = 0
 
     # ---- automatic prefix cache (fcfs-lru / lpm) ---------------------------------------------
-    def _chain_hashes(self, seq: Sequence, num_blocks: int) -> list[int]:
-        """Hashes of `seq`'s first `num_blocks` blocks, each over its tokens and the previous hash."""
+    def _chain_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        """Digests of `seq`'s first `num_blocks` blocks, each over the previous digest and its tokens."""
         hashes, bs = self._seq_hashes.setdefault(seq.seq_id, []), self.block_size
-        h = hashes[-1] if hashes else 0
+        h = hashes[-1] if hashes else b""
         for i in range(len(hashes), num_blocks):
-            h = hash((h, tuple(seq.token_ids[i * bs:(i + 1) * bs])))
+            h = hashlib.blake2b(h + self._pack_block(*seq.token_ids[i * bs:(i + 1) * bs]), digest_size=16).digest()
             hashes.append(h)
         return hashes[:num_blocks]
 
@@ -174,18 +209,8 @@ class BlockManager:
             blocks.append(block)
         return blocks
 
-    def adopt_cached(self, seq: Sequence, blocks: list[int]) -> None:
-        """Start `seq` on cached prefix blocks: reference them and skip their tokens."""
-        for b in blocks:
-            self._incref(b)
-        seq.block_table = list(blocks)
-        seq.num_computed_tokens = len(blocks) * self.block_size
-        seq.num_cached_tokens = seq.num_computed_tokens
-
-    def commit_full_blocks(self, seq: Sequence) -> None:
+    def _publish_full_blocks(self, seq: Sequence) -> None:
         """Register `seq`'s completely computed blocks in the prefix cache."""
-        if not self.enable_caching:
-            return
         full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
         for block, h in zip(seq.block_table[:full], self._chain_hashes(seq, full)):
             if block not in self._block_to_hash and h not in self._hash_to_block:

@@ -23,7 +23,6 @@ class GroupState:
     prefix: Sequence | None = None
     waiting: deque[Sequence] = field(default_factory=deque)
     alive: int = 0
-    started: bool = False
 
     @property
     def prefix_done(self) -> bool:
@@ -52,8 +51,8 @@ def build_groups(plan: Plan, seqs: list[Sequence]) -> list[GroupState]:
 
 
 class PlanQueue:
-    """Admits in plan order: preempted sequences first; then waiting members of started groups
-    whose prefix KV is complete; then the next group (its prefix first, if shared).
+    """Admits in plan order: waiting members of started groups whose prefix KV is complete; then
+    the next group (its prefix first, if shared). Preempted sequences are `queues.Waiting`'s.
 
     NOTE: members of a group whose prefix is still being prefilled are skipped, not waited
     for, so a later group can start in the same step.
@@ -63,15 +62,9 @@ class PlanQueue:
         self.groups = groups
         self._next = 0  # first group not started yet
         self._active: list[GroupState] = []  # started, with members still waiting
-        self._preempted: deque[Sequence] = deque()
         self._size = sum(len(g.members) + (g.prefix is not None) for g in groups)
 
-    def add(self, seq: Sequence) -> None:
-        raise TypeError("PlanQueue is filled from the plan")
-
     def peek(self) -> Sequence | None:
-        if self._preempted:
-            return self._preempted[0]
         for g in self._active:
             if g.prefix_done and g.waiting:
                 return g.waiting[0]
@@ -82,13 +75,9 @@ class PlanQueue:
 
     def pop(self, seq: Sequence) -> None:
         self._size -= 1
-        if self._preempted and self._preempted[0] is seq:
-            self._preempted.popleft()
-            return
         if self._next < len(self.groups) and not self._active_has(seq):
             g = self.groups[self._next]
             self._next += 1
-            g.started = True
             self._active.append(g)
             if g.prefix is seq:
                 return
@@ -99,15 +88,6 @@ class PlanQueue:
 
     def _active_has(self, seq: Sequence) -> bool:
         return any(g.waiting and g.waiting[0] is seq for g in self._active)
-
-    def push_front(self, seq: Sequence) -> None:
-        self._size += 1
-        self._preempted.appendleft(seq)
-
-    @property
-    def preempted(self) -> tuple[Sequence, ...]:
-        """Preempted sequences waiting to be admitted again (they go first)."""
-        return tuple(self._preempted)
 
     def __len__(self) -> int:
         return self._size

@@ -1,34 +1,72 @@
-"""Waiting queues: the order in which the scheduler admits sequences (one class per policy)."""
+"""Waiting queues: the order in which the scheduler admits sequences.
+
+`Waiting` is what the scheduler holds: sequences it preempted, which go first, in front of one
+policy queue (`FcfsQueue`, `LpmQueue`, or `groups.PlanQueue`) that orders the sequences that have
+not run yet. Every policy queue is filled when it is made and satisfies `WaitingQueue`.
+"""
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Protocol
+from collections.abc import Iterable
+from typing import Protocol, runtime_checkable
 
 from batchllm.scheduler.block_manager import BlockManager
 from batchllm.sequence import Sequence
 
 
+@runtime_checkable
 class WaitingQueue(Protocol):
-    """Contract: `peek` returns the next sequence to admit (or None) without removing it;
-    `pop` removes that sequence; `push_front` puts a preempted sequence back so it is
-    admitted again before anything that has not run yet."""
+    """A policy's order over the sequences that have not run yet.
 
-    def add(self, seq: Sequence) -> None: ...
+    `peek` returns the sequence to admit next (None when empty) without removing it; `pop(seq)`
+    removes the sequence `peek` just returned; `len` counts the sequences not popped yet.
+    """
+
     def peek(self) -> Sequence | None: ...
     def pop(self, seq: Sequence) -> None: ...
-    def push_front(self, seq: Sequence) -> None: ...
     def __len__(self) -> int: ...
+
+
+class Waiting:
+    """The sequences waiting to be admitted: preempted ones first, the most recently preempted at
+    the front, then `order`'s sequences in its order.
+
+    NOTE: the most recently preempted is the one that started earliest: nothing is admitted from
+    `order` while a preempted sequence waits, and the youngest running sequence is preempted first.
+    """
+
+    def __init__(self, order: WaitingQueue) -> None:
+        self.order = order
+        self._preempted: deque[Sequence] = deque()
+
+    @property
+    def preempted(self) -> deque[Sequence]:
+        """Preempted sequences waiting to be admitted again (read only)."""
+        return self._preempted
+
+    def push_preempted(self, seq: Sequence) -> None:
+        self._preempted.appendleft(seq)
+
+    def peek(self) -> Sequence | None:
+        return self._preempted[0] if self._preempted else self.order.peek()
+
+    def pop(self, seq: Sequence) -> None:
+        if self._preempted:
+            assert self._preempted[0] is seq, "pop takes the sequence peek returned"
+            self._preempted.popleft()
+        else:
+            self.order.pop(seq)
+
+    def __len__(self) -> int:
+        return len(self._preempted) + len(self.order)
 
 
 class FcfsQueue:
     """First come, first served: input order."""
 
-    def __init__(self) -> None:
-        self._q: deque[Sequence] = deque()
-
-    def add(self, seq: Sequence) -> None:
-        self._q.append(seq)
+    def __init__(self, seqs: Iterable[Sequence]) -> None:
+        self._q: deque[Sequence] = deque(seqs)
 
     def peek(self) -> Sequence | None:
         return self._q[0] if self._q else None
@@ -36,26 +74,20 @@ class FcfsQueue:
     def pop(self, seq: Sequence) -> None:
         self._q.remove(seq)
 
-    def push_front(self, seq: Sequence) -> None:
-        self._q.appendleft(seq)
-
     def __len__(self) -> int:
         return len(self._q)
 
 
 class LpmQueue(FcfsQueue):
     """SGLang-like longest-prefix-match: among the first `window` waiting sequences, admit the
-    one with the most cached prefix blocks (ties: input order). Preempted ones go first."""
+    one with the most cached prefix blocks (ties: input order)."""
 
-    def __init__(self, block_manager: BlockManager, window: int = 128) -> None:
-        super().__init__()
+    def __init__(self, seqs: Iterable[Sequence], block_manager: BlockManager, window: int = 128) -> None:
+        super().__init__(seqs)
         self.bm = block_manager
         self.window = window
-        self._preempted: deque[Sequence] = deque()
 
     def peek(self) -> Sequence | None:
-        if self._preempted:
-            return self._preempted[0]
         best, best_len = None, -1
         for i, seq in enumerate(self._q):
             if i >= self.window:
@@ -64,15 +96,3 @@ class LpmQueue(FcfsQueue):
             if n > best_len:
                 best, best_len = seq, n
         return best
-
-    def pop(self, seq: Sequence) -> None:
-        if self._preempted and self._preempted[0] is seq:
-            self._preempted.popleft()
-        else:
-            self._q.remove(seq)
-
-    def push_front(self, seq: Sequence) -> None:
-        self._preempted.appendleft(seq)
-
-    def __len__(self) -> int:
-        return len(self._q) + len(self._preempted)

@@ -1,11 +1,18 @@
-"""The step loop: running decodes, then continuing prefill chunks, then admissions."""
+"""The step loop: running decodes, then continuing prefill chunks, then admissions.
+
+One `Scheduler` runs every policy; a policy is the parts it is built from (`policies.py`): a
+waiting queue (the admission order), a `Policy` (what KV an admitted sequence starts from and
+whether it may start now), and the block manager.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from batchllm.scheduler.block_manager import BlockManager
-from batchllm.scheduler.queues import WaitingQueue
+from batchllm.scheduler.queues import Waiting, WaitingQueue
 from batchllm.sequence import Sequence, SequenceStatus
 
 
@@ -26,21 +33,84 @@ class SchedulerOutput:
         self.num_tokens.append(n)
 
 
+@dataclass(frozen=True)
+class Start:
+    """The KV an admitted sequence starts from (`BlockManager.attach`): `blocks` hold its first
+    `num_computed` tokens, except that a `num_computed` past their end ends in a partial block,
+    `copy_from`, whose KV is copied into the sequence's own next block. `shared`: the blocks are
+    its group's prefix."""
+
+    blocks: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    shared: bool = False
+    copy_from: int | None = None
+
+
+FROM_SCRATCH = Start()  # no KV to reuse: every token is computed
+
+
+class Policy(Protocol):
+    """What a scheduling policy decides beyond the admission order (the scheduler asks it at
+    each admission, and tells it about admissions and finishes)."""
+
+    def start(self, seq: Sequence) -> Start:
+        """The KV `seq` reuses if it is admitted now."""
+        ...
+
+    def allows(self, seq: Sequence, n: int, running: list[Sequence], preempted: Iterable[Sequence]) -> bool:
+        """Whether `seq`, started (attached to its `Start`), may be admitted now with its first `n` tokens."""
+        ...
+
+    def admitted(self, seq: Sequence) -> None:
+        """`seq` was admitted (it holds the blocks of its first chunk)."""
+        ...
+
+    def finished(self, seq: Sequence) -> None:
+        """`seq` finished; the scheduler has freed its blocks."""
+        ...
+
+
+class CachePolicy:
+    """The baselines' policy (fcfs, fcfs-lru, lpm): start from whatever the prefix cache holds
+    (nothing without caching), admit whatever fits."""
+
+    def __init__(self, block_manager: BlockManager) -> None:
+        self.bm = block_manager
+
+    def start(self, seq: Sequence) -> Start:
+        blocks = self.bm.cached_prefix_blocks(seq)
+        return Start(blocks, len(blocks) * self.bm.block_size) if blocks else FROM_SCRATCH
+
+    def allows(self, seq: Sequence, n: int, running: list[Sequence], preempted: Iterable[Sequence]) -> bool:
+        return True
+
+    def admitted(self, seq: Sequence) -> None:
+        pass
+
+    def finished(self, seq: Sequence) -> None:
+        pass
+
+
 class Scheduler:
     """Continuous batching with chunked prefill under `max_num_batched_tokens`.
 
     Each step takes every running decode (one token each), then the next chunk of every
     running prefill, then admits waiting sequences in the queue's order while the token
-    budget, the request cap and KV memory allow. When a running sequence cannot get a block,
-    the youngest running sequence is preempted: its KV is dropped and recomputed later, which
-    leaves outputs unchanged. Subclasses adapt admission (`_admit_setup`, `_admission_ok`) and
-    finishing (`finish`) for prefix sharing.
+    budget, the request cap, the policy and KV memory allow. When a running sequence cannot get a
+    block, the youngest running sequence is preempted: its KV is dropped and recomputed later,
+    which leaves outputs unchanged. A prefix pseudo-sequence is never preempted to make room for
+    another sequence, and leaves the running sequences once its KV is complete (its blocks stay,
+    held for its group by the policy).
+
+    The scheduler alone changes a sequence's `status` (`_admit`, `_preempt`, `finish`); the block
+    manager alone changes its blocks and KV counts.
     """
 
-    def __init__(self, block_manager: BlockManager, queue: WaitingQueue, max_num_batched_tokens: int,
-                 max_num_seqs: int | None) -> None:
+    def __init__(self, block_manager: BlockManager, queue: WaitingQueue, policy: Policy,
+                 max_num_batched_tokens: int, max_num_seqs: int | None) -> None:
         self.bm = block_manager
-        self.waiting = queue
+        self.waiting = Waiting(queue)
+        self.policy = policy
         self.running: list[Sequence] = []
         self.max_tokens = max_num_batched_tokens
         self.max_seqs = max_num_seqs
@@ -48,9 +118,6 @@ class Scheduler:
         self.computed_prefill_tokens = 0
 
     # ---- public -----------------------------------------------------------------------------
-    def add(self, seq: Sequence) -> None:
-        self.waiting.add(seq)
-
     def has_unfinished(self) -> bool:
         return bool(self.running) or len(self.waiting) > 0
 
@@ -74,19 +141,21 @@ class Scheduler:
                 self.computed_prefill_tokens += n
         return out
 
-    def finish(self, seq: Sequence) -> None:
-        """Retire a finished sequence and free its KV."""
+    def after_step(self, out: SchedulerOutput) -> None:
+        """The forward pass computed `out`: count the new KV (publishing it to the prefix cache);
+        complete prefix pseudo-sequences leave the running sequences."""
+        for seq, n in zip(out.seqs, out.num_tokens):
+            self.bm.advance(seq, n)
+            if seq.is_prefix and seq.num_computed_tokens == seq.num_tokens:
+                self.running.remove(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Retire a running sequence that has finished for `reason` ("stop" or "length"); free its KV."""
         seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
         self.running.remove(seq)
         self.bm.free(seq)
-
-    def after_step(self, out: SchedulerOutput) -> None:
-        """Hook after the forward pass: publish newly computed prompt blocks to the prefix cache."""
-        if not self.bm.enable_caching:
-            return
-        for seq, n in zip(out.seqs, out.num_tokens):
-            if n > 1 or seq.num_output_tokens == 0:
-                self.bm.commit_full_blocks(seq)
+        self.policy.finished(seq)
 
     # ---- internals --------------------------------------------------------------------------
     def _reserve(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
@@ -99,21 +168,18 @@ class Scheduler:
         return True
 
     def _pick_victim(self, seq: Sequence, out: SchedulerOutput) -> Sequence:
-        """The youngest running sequence not scheduled in this step (may be `seq` itself)."""
+        """The youngest running sequence, not a prefix, not scheduled in this step (else `seq` itself)."""
         scheduled = set(map(id, out.seqs))
         for cand in reversed(self.running):
-            if id(cand) not in scheduled and self._preemptible(cand):
+            if id(cand) not in scheduled and not cand.is_prefix:
                 return cand
         return seq
-
-    def _preemptible(self, seq: Sequence) -> bool:
-        return True
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.bm.free(seq)
         seq.status = SequenceStatus.WAITING
-        self.waiting.push_front(seq)
+        self.waiting.push_preempted(seq)
         self.num_preemptions += 1
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
@@ -121,34 +187,18 @@ class Scheduler:
             seq = self.waiting.peek()
             if seq is None:
                 break
-            copies = self._admit_setup(seq)
-            if copies is None:
-                break
+            start = self.policy.start(seq)
+            self.bm.attach(seq, start.blocks, start.num_computed, start.shared)
             n = min(seq.num_uncomputed_tokens, budget)
-            if not self._admission_ok(seq, n) or not self.bm.allocate(seq, n):
-                self._admit_undo(seq)
+            if (not self.policy.allows(seq, n, self.running, self.waiting.preempted)
+                    or not self.bm.allocate(seq, n)):
+                self.bm.free(seq)
                 break
             self.waiting.pop(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            self._admitted(seq)
-            out.copies.extend(copies)
+            self.policy.admitted(seq)
+            if start.copy_from is not None:
+                out.copies.append((start.copy_from, seq.block_table[len(start.blocks)]))
             out.add(seq, n)
             budget -= n
-
-    def _admit_setup(self, seq: Sequence) -> list[tuple[int, int]] | None:
-        """Attach KV `seq` can reuse (cached blocks); return block copies, or None to stop admitting."""
-        cached = self.bm.cached_prefix_blocks(seq)
-        if cached:
-            self.bm.adopt_cached(seq, cached)
-        return []
-
-    def _admitted(self, seq: Sequence) -> None:
-        """Hook after `seq` joined the running sequences."""
-
-    def _admit_undo(self, seq: Sequence) -> None:
-        self.bm.free(seq)
-        seq.num_cached_tokens = 0
-
-    def _admission_ok(self, seq: Sequence, n: int) -> bool:
-        return True
