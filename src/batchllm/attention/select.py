@@ -58,9 +58,9 @@ SHARE_PREFILL_WITH_KERNELS = False
 # the prefix fewer times but leave fewer tasks to spread over the threads.
 SHARED_DECODE_MEMBERS = 16
 # Query rows per PyTorch pass that materialises scores or a mask (a group's stacked rows, a
-# merged prefill piece): bounds that pass's memory (512 rows x 8 heads x 4096 keys of float32
-# scores = 64 MiB). Fresh chunks are not cut: the flash kernel runs them causal without a mask.
-# The C kernels work in tiles of rows and need no cut.
+# prefill piece attended with its lse): bounds that pass's memory (512 rows x 8 heads x 4096
+# keys of float32 scores = 64 MiB). Fresh chunks are not cut: the flash kernel runs them causal
+# without a mask. The C kernels work in tiles of rows and need no cut.
 MAX_ROWS = 512
 # The PyTorch executor pads chunks of similar shape into one batch (`torch_buckets.bucketize`)
 # while the padded area stays within this factor of the real one: fewer, larger ops against

@@ -43,16 +43,16 @@ class TorchPrepared:
     """One step's index tensors for `TorchExecutor.run`.
 
     `decodes`: the decode queries (None: none here), with their lse where `decode_lse` (some are
-    group members); `plain`: prefill chunks whose result is final (no lse); `merged`: group
-    members' prefill chunks, attended with their lse and cut into pieces of at most `max_rows`;
-    `groups`: the group prefix passes, merged into their members' rows. `need_lse`: some rows are
-    merged, so the step keeps an lse per row.
+    group members); `prefills`: prefill chunks attended without lse (an unshared plan's);
+    `prefills_lse`: prefill chunks attended with their lse (a sharing plan's), cut into pieces of
+    at most `max_rows`; `groups`: the group prefix passes, merged into their members' rows.
+    `need_lse`: the step keeps an lse per row.
     """
 
     decodes: DecodeBatch | None
     decode_lse: bool
-    plain: list[PrefillBucket]
-    merged: list[PrefillBucket]
+    prefills: list[PrefillBucket]
+    prefills_lse: list[PrefillBucket]
     groups: list[GroupBucket]
     need_lse: bool
     block_size: int
@@ -60,12 +60,12 @@ class TorchPrepared:
 
 class TorchExecutor:
     """Runs plans in PyTorch: decode queries in one padded gather + `attend`; prefill chunks in
-    padded buckets under SDPA (or, where their lse is merged, `attend_queries`/`attend_causal`);
-    each group's prefix gathered once for all its members' stacked query rows, groups padded into
-    buckets, then log-sum-exp merged with the members' own parts.
+    padded buckets under SDPA (on a sharing plan with their lse, by `attend_queries` /
+    `attend_causal`); each group's prefix gathered once for all its members' stacked query rows,
+    groups padded into buckets, then log-sum-exp merged with the members' own parts.
 
     `max_rows` bounds the query rows of one pass where scores or masks are materialised (a group's
-    stacked rows, a merged prefill piece): see `select.MAX_ROWS`.
+    stacked rows, a prefill piece attended with its lse): see `select.MAX_ROWS`.
     """
 
     kind = ExecutorKind.TORCH
@@ -82,11 +82,14 @@ class TorchExecutor:
         (otherwise another executor runs those, and group prefixes cover prefill members only)."""
         dev, bs, pre = self.device, plan.block_size, plan.prefills
         batch = decode_batch(plan, list(range(len(plan.decodes))), dev) if decodes and len(plan.decodes) else None
-        in_group = {i for g in plan.groups for i in g.prefills}
-        plain = [i for i in range(len(pre)) if i not in in_group]
-        chunks = [(pre.num_rows[i], pre.key_lens[i], pre.rows[i], pre.tables[i]) for i in plain]
-        pieces = []  # (q_len, key_len, first flat row, blocks) of the merged chunks' pieces
-        for i in sorted(in_group):
+        # A sharing plan attends all its prefill chunks with their lse, in one set of buckets
+        # (fewer, fuller buckets than keeping the merged chunks apart); rows that are not merged
+        # leave their lse unread. An unshared plan needs no lse: SDPA.
+        with_lse = range(len(pre)) if plan.prefix_shared else range(0)
+        chunks = [] if plan.prefix_shared else [(pre.num_rows[i], pre.key_lens[i], pre.rows[i], pre.tables[i])
+                                               for i in range(len(pre))]
+        pieces = []  # (q_len, key_len, first flat row, blocks) of the pieces attended with their lse
+        for i in with_lse:
             n, t, row, table = pre.num_rows[i], pre.key_lens[i], pre.rows[i], pre.tables[i]
             if t == n:  # fresh: one causal piece, never cut (the flash kernel needs no mask for it)
                 pieces.append((n, n, row, table))
@@ -108,7 +111,7 @@ class TorchExecutor:
         return TorchPrepared(
             batch, decode_lse, self._buckets(chunks, bs), self._buckets(pieces, bs),
             group_buckets(prefixes, plan.num_tokens, self.max_rows, GROUP_BUCKET_SLACK, GROUP_MAX_BUCKETS, dev),
-            bool(prefixes), bs)
+            bool(prefixes or pieces), bs)
 
     def _buckets(self, chunks: list[tuple[int, int, int, list[int]]], block_size: int) -> list[PrefillBucket]:
         """Prefill chunks (q_len, key_len, first row, blocks) in buckets; fresh chunks (q_len ==
@@ -140,9 +143,9 @@ class TorchExecutor:
                 out[d.rows] = o
                 if dl is not None:
                     lse[d.rows] = dl  # type: ignore[index]
-        for bucket in p.plain:
+        for bucket in p.prefills:
             out[bucket.real_rows], _ = attend_bucket(q, k_cache, v_cache, bucket, bs, scale, need_lse=False)
-        for bucket in p.merged:
+        for bucket in p.prefills_lse:
             out[bucket.real_rows], lse[bucket.real_rows] = attend_bucket(  # type: ignore[index]
                 q, k_cache, v_cache, bucket, bs, scale, need_lse=True)
         for bk in p.groups:
