@@ -36,9 +36,11 @@ except ImportError:  # package not installed: run from the source tree
 
 from hardware import gemm_gflops  # noqa: E402  (bench/, next to this script)
 
+from batchllm.attention.cost import kv_bytes_read  # noqa: E402
 from batchllm.attention.metadata import AttentionMetadata, build_metadata  # noqa: E402
-from batchllm.attention.prefix_shared import PrefixSharedAttention, kv_bytes_read, select_backend  # noqa: E402
-from batchllm.attention.reference import ReferenceAttention  # noqa: E402
+from batchllm.attention.plan import Share, build_plan  # noqa: E402
+from batchllm.attention.select import AUTO_SHARE, Mode, make_executor, plan_step, rows_per_prefix_read  # noqa: E402
+from batchllm.attention.torch_executor import TorchExecutor  # noqa: E402
 from batchllm.executor.malloc import keep_heap  # noqa: E402
 from batchllm.kernels.cpu import load_cpu_kernels  # noqa: E402
 
@@ -172,15 +174,19 @@ def run_case(groups: int, members: int, prefix: int, dtype: torch.dtype, args: a
     # NOTE: ref and ps run as the engine runs them (with the C kernels unless --no-kernels);
     # ref_pt is the all-PyTorch reference, timed too so both baselines stay visible.
     kernels = None if args.no_kernels else load_cpu_kernels()
+    executor = make_executor(torch.device("cpu"), dtype, d, kernels)
+    share = AUTO_SHARE[executor.kind][0]
     row = {"G": groups, "m": members, "L": prefix, "dtype": str(dtype).removeprefix("torch."),
-           "cache": "cold" if args.cold else "warm",
-           "auto": select_backend(meta, kernels is not None, prefill=kernels is None)}
-    backends = {"ref": ReferenceAttention(kernels), "ps": PrefixSharedAttention(kernels)}
+           "cache": "cold" if args.cold else "warm", "auto": "prefix-shared" if plan_step(meta, Mode.AUTO, executor.kind).prefix_shared else "reference"}
+    plans = {"ref": build_plan(meta, Share.NONE), "ps": build_plan(meta, share)}
+    runs = {"ref": executor, "ps": executor}
     if kernels is not None:
-        backends["ref_pt"] = ReferenceAttention()
-    preps = {n: be.prepare(meta) for n, be in backends.items()}
-    fwd = {n: (lambda be=be, p=preps[n]: be.forward(q, k, v, p, d ** -0.5)) for n, be in backends.items()}
-    prep_t = paired_times({n: (lambda be=be: be.prepare(meta)) for n, be in backends.items()}, 5, 1, 0.005)
+        plans["ref_pt"], runs["ref_pt"] = plans["ref"], TorchExecutor(torch.device("cpu"))
+    preps = {n: ex.prepare(plans[n]) for n, ex in runs.items()}
+    fwd = {n: (lambda ex=ex, p=preps[n]: ex.run(q, k, v, p, d ** -0.5)) for n, ex in runs.items()}
+    # NOTE: a step's prepare cost: building its plan and the executor's index tensors.
+    prep_t = paired_times({n: (lambda ex=ex, s=plans[n].share: ex.prepare(build_plan(meta, s))) for n, ex in runs.items()},
+                          5, 1, 0.005)
     wait_for_quiet(args.max_wait)
     stall0, t0 = cpu_stall_us(), time.perf_counter()
     # NOTE: cold: the queries are touched after the eviction, since in the engine they were just
@@ -189,14 +195,13 @@ def run_case(groups: int, members: int, prefix: int, dtype: torch.dtype, args: a
     times = paired_times(fwd, args.repeats, args.warmup, args.sample_s, before)
     # NOTE: share of the time other tasks waited for a core while we measured: a load indicator.
     row["stall"] = (cpu_stall_us() - stall0) / 1e6 / (time.perf_counter() - t0)
-    for n in backends:
-        path = "prefix-shared" if n == "ps" else "reference"
+    for n in runs:
         row[f"{n}_prep_ms"] = statistics.median(prep_t[n]) * 1e3
         row[f"{n}_ms"] = statistics.median(times[n]) * 1e3
-        row[f"{n}_MB"] = kv_bytes_read(meta, path, 1, bpt, decode_only=kernels is not None) / 1e6
+        row[f"{n}_MB"] = kv_bytes_read(plans[n], 1, bpt, rows_per_prefix_read(plans[n].share)) / 1e6
         row[f"{n}_GBs"] = row[f"{n}_MB"] / row[f"{n}_ms"]  # MB/ms == GB/s
     flops = decode_flops(meta, args.heads, d)
-    for n in backends:
+    for n in runs:
         row[f"{n}_GFs"] = flops / row[f"{n}_ms"] / 1e6
     # NOTE: both paths do the same multiply-adds, so no path can beat the step's FLOPs at the
     # machine's matrix-product peak: `ceiling` is the largest speed-up over ref that is possible.

@@ -473,14 +473,20 @@ def test_keep_heap_is_accepted_by_glibc() -> None:
 
 
 def test_cpu_kernels_follow_the_switch(llama_dir: Path) -> None:
+    from batchllm.attention.executor import ExecutorKind
     from batchllm.kernels.cpu import load_cpu_kernels
 
-    def kernels(llm: LLM) -> list:
-        return [b.kernels for b in llm.engine.runner.backend.backends.values()]
+    def executor(llm: LLM) -> tuple:
+        ex = llm.engine.runner.backend.executor
+        return ex.kind, getattr(ex, "kernels", None)
 
-    assert kernels(LLM(llama_dir, num_kv_blocks=8, cpu_kernels=False)) == [None, None]
-    assert kernels(LLM(llama_dir, num_kv_blocks=8)) == [load_cpu_kernels()] * 2
-    assert kernels(LLM(llama_dir, num_kv_blocks=8, dtype="float16")) == [None, None]  # a dtype they do not take
+    kernels = load_cpu_kernels()
+    assert executor(LLM(llama_dir, num_kv_blocks=8, cpu_kernels=False)) == (ExecutorKind.TORCH, None)
+    # head size 16 has no fast C prefill: decode queries in C, prefill chunks in PyTorch
+    assert executor(LLM(llama_dir, num_kv_blocks=8)) == ((ExecutorKind.CPU_DECODE_KERNELS, kernels) if kernels
+                                                         else (ExecutorKind.TORCH, None))
+    # a dtype they do not take
+    assert executor(LLM(llama_dir, num_kv_blocks=8, dtype="float16")) == (ExecutorKind.TORCH, None)
 
 
 def test_float16_runs_the_prefix_shared_path(llama_dir: Path) -> None:

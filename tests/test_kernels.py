@@ -15,7 +15,7 @@ try:
 except ImportError:  # package not installed: run from the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from batchllm.attention.reference import attend, gather_kv  # noqa: E402
+from batchllm.attention.torch_ops import attend, gather_kv  # noqa: E402
 from batchllm.kernels.cpu import load_cpu_kernels  # noqa: E402
 
 HAS_CC = shutil.which("cc") is not None or shutil.which("gcc") is not None

@@ -21,7 +21,7 @@ from batchllm.planner import Plan
 from batchllm.scheduler.policies import make_scheduler
 from batchllm.sequence import Sequence
 from batchllm.tokenizer import Tokenizer
-from batchllm.attention.select import make_backend
+from batchllm.attention.select import make_attention
 
 
 class Engine:
@@ -50,7 +50,7 @@ class Engine:
         kernels = load_cpu_kernels() if use_kernels else None
         model.kernels = kernels
         self.runner = ModelRunner(model, self.num_blocks, config.block_size, self.dtype, self.device,
-                                  make_backend(config.attention, kernels, mc.head_dim))
+                                  make_attention(config.attention, self.device, self.dtype, mc.head_dim, kernels))
         self.sampler = Sampler(kernels)
 
     @property
@@ -77,7 +77,8 @@ class Engine:
                 raise RuntimeError("scheduler produced an empty step with work left (KV pool too small?)")
             stats.peak_kv_blocks = max(stats.peak_kv_blocks, sched.bm.num_used_blocks)
             logits, row_seqs = self.runner.run(out)
-            stats.prefix_shared_attention_steps += self.runner.last_path == "prefix-shared"
+            plan = self.runner.last_plan
+            stats.prefix_shared_attention_steps += plan is not None and plan.prefix_shared
             sched.after_step(out)
             result = self.sampler(logits, [out.seqs[i] for i in row_seqs], self.eos_token_ids) if row_seqs else None
             for j, i in enumerate(row_seqs):

@@ -36,10 +36,6 @@ class AttentionMetadata:
     def num_tokens(self) -> int:
         return int(self.slot_mapping.numel())
 
-    def padded_block_table(self, seq_indices: list[int], num_blocks: int | None = None) -> torch.Tensor:
-        """Block tables of `seq_indices` as a [len, max_blocks] long tensor padded with the null block 0."""
-        return pad_rows([self.block_tables[i] for i in seq_indices], self.device, num_blocks)
-
 
 def pad_rows(rows: list[list[int]], dev: torch.device, width: int | None = None) -> torch.Tensor:
     """[len(rows), width] long tensor of `rows`, cut to `width` (None: the longest) and padded

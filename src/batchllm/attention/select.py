@@ -1,15 +1,158 @@
-"""Chooses the attention backend for an engine from its `attention` setting."""
+"""Which code runs attention, and why: the executor (once per engine) and each step's plan.
+
+Executor, chosen once when the engine is built (`make_executor`):
+- CPU, float32 or bfloat16, C kernels loaded (a C compiler was found, `cpu_kernels` on):
+  `CpuExecutor`. Decode queries run in C (`paged_decode`, `shared_decode`). Prefill chunks run in
+  C (`paged_prefill`) where the kernels have a fast path for the head size (AVX-512, head size 64
+  or 128, `CpuKernels.fast_prefill`); elsewhere that kernel goes one query row at a time and
+  PyTorch's matmul / flash attention is several times faster, so prefill runs in PyTorch.
+- Anything else (float16, another device, no compiler, `cpu_kernels=False`): `TorchExecutor`.
+A GPU executor implements `executor.Executor`, gets an `ExecutorKind` and an `AUTO_SHARE` entry,
+and is picked here.
+
+Plan, built once per step for all layers (`plan_step`, from `Attention.prepare`):
+- mode "reference": nothing shared; "prefix-shared": every group member's queries share;
+- mode "auto": the executor's `AUTO_SHARE` kind of queries share when that saves at least its
+  threshold of KV tokens read per layer (`cost.saved_tokens`); otherwise nothing is shared.
+
+Measurements behind the constants below: bench/results/attention-selection.md.
+"""
 
 from __future__ import annotations
 
-from batchllm.attention.backend import AttentionBackend
-from batchllm.attention.prefix_shared import AutoAttention
-from batchllm.kernels.cpu import CpuKernels
+import dataclasses
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Generic
+
+import torch
+
+from batchllm.attention.cost import saved_tokens
+from batchllm.attention.executor import Executor, ExecutorKind, Prepared
+from batchllm.attention.metadata import AttentionMetadata
+from batchllm.attention.plan import AttentionPlan, Share, build_plan
+from batchllm.kernels.cpu import DTYPES as KERNEL_DTYPES
+
+if TYPE_CHECKING:
+    from batchllm.kernels.cpu import CpuKernels
+
+# --- Share or not (mode "auto") ---
+# Sharing reads a group's prefix once instead of once per member. On the PyTorch executor it
+# also costs a fixed amount per layer (a batched prefix pass, the merge, a dozen small ops), which
+# the saved reads outweigh only from about ten thousand saved KV tokens per layer.
+MIN_SAVED_TOKENS = 12288
+# With the C kernels a group's decode queries are one `shared_decode` call instead of one
+# `paged_decode` call per member, with no such fixed cost: the shared kernel measures as fast or
+# faster in nearly every case. This threshold only keeps steps that save almost nothing (groups
+# of one, prefixes of a block or two) on the per-sequence kernel.
+MIN_SAVED_TOKENS_KERNELS = 1024
+# Whether "auto" on `CpuExecutor` with C prefill also shares members' prefill chunks. Prefill
+# attention is matrix-matrix and compute-bound either way: the shared pass saves only the
+# per-member packing of the prefix keys, and adds a second, small own pass and the merge. So no:
+# members' prefill chunks attend their whole context, like every other chunk. Mode
+# "prefix-shared" still shares them.
+SHARE_PREFILL_WITH_KERNELS = False
+
+# --- How executors run a plan ---
+# Group members' decode queries per `shared_decode` pass over their prefix: more per pass read
+# the prefix fewer times but leave fewer tasks to spread over the threads.
+SHARED_DECODE_MEMBERS = 16
+# Query rows per PyTorch pass that materialises scores or a mask (a group's stacked rows, a
+# prefill piece attended with its lse): bounds that pass's memory (512 rows x 8 heads x 4096
+# keys of float32 scores = 64 MiB). Fresh chunks are not cut: the flash kernel runs them causal
+# without a mask. The C kernels work in tiles of rows and need no cut.
+MAX_ROWS = 512
+# The PyTorch executor pads chunks of similar shape into one batch (`torch_buckets.bucketize`)
+# while the padded area stays within this factor of the real one: fewer, larger ops against
+# wasted work on padding. Prefill chunks: no bound on the number of buckets.
+PREFILL_BUCKET_SLACK = 1.5
+# Group prefix passes: a tighter slack keeps decode groups from padding to a prefill group's
+# rows; at most GROUP_MAX_BUCKETS buckets bound the ops per layer however many groups a step has.
+GROUP_BUCKET_SLACK = 1.25
+GROUP_MAX_BUCKETS = 8
+# Query rows (per batch entry and KV head) from which `torch_ops.attend` uses ATen's blocked CPU
+# flash kernel (which also returns the lse) instead of matmul + softmax. fp32: the two are even
+# from 16 rows; bf16: matmul + softmax is faster up to ~512 rows, the flash kernel from ~1024.
+FLASH_MIN_ROWS_FP32 = 16
+FLASH_MIN_ROWS_HALF = 1024  # bf16 / fp16
 
 
-def make_backend(mode: str, kernels: CpuKernels | None = None, head_dim: int | None = None) -> AttentionBackend:
-    """`reference` | `prefix-shared` | `auto` (prefix-shared in steps where sharing pays off);
-    `kernels`: the CPU C kernels (None: PyTorch only), prefill included where they have a fast
-    path for `head_dim` (None: always)."""
-    fast = kernels is not None and (head_dim is None or kernels.fast_prefill(head_dim))
-    return AutoAttention(mode, kernels, prefill_in_c=fast)  # type: ignore[arg-type]
+class Mode(Enum):
+    """`EngineConfig.attention`."""
+
+    AUTO = "auto"  # share where it pays off (`AUTO_SHARE`)
+    REFERENCE = "reference"  # never share
+    PREFIX_SHARED = "prefix-shared"  # always share, decode queries and prefill chunks
+
+
+# What mode "auto" shares on each kind of executor, and from how many saved KV tokens per layer.
+AUTO_SHARE: dict[ExecutorKind, tuple[Share, int]] = {
+    ExecutorKind.TORCH: (Share.ALL, MIN_SAVED_TOKENS),
+    ExecutorKind.CPU_KERNELS: (Share.ALL if SHARE_PREFILL_WITH_KERNELS else Share.DECODES, MIN_SAVED_TOKENS_KERNELS),
+    ExecutorKind.CPU_DECODE_KERNELS: (Share.ALL, MIN_SAVED_TOKENS_KERNELS),
+}
+
+
+def rows_per_prefix_read(share: Share) -> int:
+    """Query rows the cost model lets share one read of a group prefix: a decode-only plan is the
+    C kernels' (`SHARED_DECODE_MEMBERS` queries per `shared_decode` pass), a plan that shares
+    prefill chunks is costed as the PyTorch passes (`MAX_ROWS` stacked rows)."""
+    return SHARED_DECODE_MEMBERS if share is Share.DECODES else MAX_ROWS
+
+
+def plan_step(meta: AttentionMetadata, mode: Mode, kind: ExecutorKind) -> AttentionPlan:
+    """The plan of one step under `mode` on an executor of `kind` (see the module docstring)."""
+    if mode is Mode.REFERENCE:
+        return build_plan(meta, Share.NONE)
+    if mode is Mode.PREFIX_SHARED:
+        return build_plan(meta, Share.ALL)
+    share, min_saved = AUTO_SHARE[kind]
+    plan = build_plan(meta, share)
+    if not plan.groups:  # nothing to share: the same plan, on the reference path
+        return dataclasses.replace(plan, share=Share.NONE)
+    if saved_tokens(plan, rows_per_prefix_read(share)) >= min_saved:
+        return plan
+    return build_plan(meta, Share.NONE)
+
+
+@dataclass(frozen=True)
+class PreparedStep(Generic[Prepared]):
+    """A step's plan and the executor's index tensors for it."""
+
+    plan: AttentionPlan
+    inputs: Prepared
+
+
+class Attention(Generic[Prepared]):
+    """The engine's attention: `prepare` once per step (the plan, then the executor's index
+    tensors), `forward` once per layer (`Executor.run`'s contract)."""
+
+    def __init__(self, mode: Mode | str, executor: Executor[Prepared]) -> None:
+        self.mode = Mode(mode)
+        self.executor = executor
+
+    def prepare(self, meta: AttentionMetadata) -> PreparedStep[Prepared]:
+        plan = plan_step(meta, self.mode, self.executor.kind)
+        return PreparedStep(plan, self.executor.prepare(plan))
+
+    def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, step: PreparedStep[Prepared],
+                scale: float) -> torch.Tensor:
+        return self.executor.run(q, k_cache, v_cache, step.inputs, scale)
+
+
+def make_executor(device: torch.device, dtype: torch.dtype, head_dim: int, kernels: CpuKernels | None) -> Executor:
+    """The executor for an engine on `device` in `dtype` with heads of `head_dim`; `kernels`: the
+    loaded C kernels, None where there are none (no compiler, or switched off)."""
+    # NOTE: imported here because the executors import their constants from this module.
+    from batchllm.attention.cpu_executor import CpuExecutor
+    from batchllm.attention.torch_executor import TorchExecutor
+
+    if kernels is not None and device.type == "cpu" and dtype in KERNEL_DTYPES:
+        return CpuExecutor(kernels, prefill_in_c=kernels.fast_prefill(head_dim))
+    return TorchExecutor(device)
+
+
+def make_attention(mode: Mode | str, device: torch.device, dtype: torch.dtype, head_dim: int,
+                   kernels: CpuKernels | None) -> Attention:
+    """The engine's attention: `mode` (`EngineConfig.attention`) on the executor `make_executor` picks."""
+    return Attention(Mode(mode), make_executor(device, dtype, head_dim, kernels))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from batchllm.attention.backend import AttentionBackend
 from batchllm.attention.metadata import build_metadata
+from batchllm.attention.plan import AttentionPlan
+from batchllm.attention.select import Attention
 from batchllm.models.llama import CausalLM
 from batchllm.scheduler.scheduler import SchedulerOutput
 
@@ -19,7 +20,7 @@ class ModelRunner:
     """
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device, backend: AttentionBackend) -> None:
+                 device: torch.device, backend: Attention) -> None:
         cfg = model.cfg
         self.model = model
         self.block_size = block_size
@@ -28,7 +29,7 @@ class ModelRunner:
         # NOTE: zero-filled so padded or masked reads never meet NaN (0 * NaN would poison a row).
         self.kv_cache = torch.zeros(cfg.num_layers, 2, cfg.num_kv_heads, (num_blocks + 1) * block_size,
                                     cfg.head_dim, dtype=dtype, device=device)
-        self.last_path = ""
+        self.last_plan: AttentionPlan | None = None  # the attention plan of the last step
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy the KV of whole blocks (src -> dst) in every layer."""
@@ -62,7 +63,7 @@ class ModelRunner:
             group_ids=[s.group_id for s in out.seqs],
         )
         prepared = self.backend.prepare(meta)
-        self.last_path = getattr(prepared, "path", self.backend.name)
+        self.last_plan = prepared.plan
         logits = self.model(
             torch.tensor(ids, dtype=torch.long, device=self.device),
             torch.tensor(pos, dtype=torch.long, device=self.device),

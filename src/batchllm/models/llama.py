@@ -11,14 +11,12 @@ the dev CPU: 1.3x on one layer at 2,048 tokens, but no gain on a whole batch, so
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from batchllm.attention.backend import AttentionBackend
 from batchllm.attention.metadata import AttentionMetadata
+from batchllm.attention.select import Attention, PreparedStep
 from batchllm.kernels.cpu import CpuKernels
 from batchllm.models.config import ModelConfig
 from batchllm.models.linear import can_pack, linear, pack
@@ -155,7 +153,7 @@ class CausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata, backend: AttentionBackend, prepared: Any,
+                meta: AttentionMetadata, backend: Attention, prepared: PreparedStep,
                 logits_rows: torch.Tensor) -> torch.Tensor:
         """Run the flat batch; return the logits of the rows in `logits_rows` only, in the model's
         dtype (the sampler widens what it needs: a float32 copy of every row cost more than the

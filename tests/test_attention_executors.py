@@ -1,4 +1,4 @@
-"""PrefixSharedAttention against ReferenceAttention, the lse merge, and the auto path selection."""
+"""The attention executors on the same plans: against each other, a dense oracle and the lse merge."""
 
 from __future__ import annotations
 
@@ -14,76 +14,65 @@ try:
 except ImportError:  # package not installed: run from the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from batchllm.attention.cost import kv_tokens  # noqa: E402
+from batchllm.attention.executor import Executor  # noqa: E402
 from batchllm.attention.metadata import AttentionMetadata, build_metadata  # noqa: E402
-from batchllm.attention.prefix_shared import (  # noqa: E402
-    AutoAttention,
-    PrefixSharedAttention,
-    kv_bytes_read,
-    merge_attention,
-    saved_tokens,
-    select_backend,
-    should_share,
-)
-from batchllm.attention.reference import (  # noqa: E402
-    ReferenceAttention, attend, attend_causal, attend_queries, flash_min_rows)
+from batchllm.attention.plan import Share, build_plan  # noqa: E402
+from batchllm.attention.select import Attention  # noqa: E402
+from batchllm.attention.cpu_executor import CpuExecutor  # noqa: E402
+from batchllm.attention.torch_executor import TorchExecutor  # noqa: E402
+from batchllm.attention.torch_ops import (  # noqa: E402
+    attend, attend_causal, attend_queries, flash_min_rows, merge_attention)
 from batchllm.kernels.cpu import load_cpu_kernels  # noqa: E402
 
-CPU = torch.device("cpu")
+from attention_steps import CPU, make_step, random_pool  # noqa: E402  (tests/)
+
 KERNELS = load_cpu_kernels()  # None without a C compiler: then only the PyTorch paths are checked
 
 
-def make_step(rng: random.Random, groups: list[tuple[int, list[tuple[int, int]]]],
-              singles: list[tuple[int, int]], bs: int) -> AttentionMetadata:
-    """Metadata for `groups` [(prefix blocks, [(own len, q len) per member])] and ungrouped
-    `singles` [(context len, q len)], in shuffled flat order. Blocks are handed out from 1 on."""
-    nxt = 1
-
-    def alloc(n: int) -> list[int]:
-        nonlocal nxt
-        nxt += n
-        return list(range(nxt - n, nxt))
-
-    seqs = []  # (q len, ctx, blocks, shared len, group id)
-    for gid, (pb, members) in enumerate(groups):
-        prefix = alloc(pb)
-        for own, ql in members:
-            assert 1 <= ql <= own
-            seqs.append((ql, pb * bs + own, prefix + alloc(-(-own // bs)), pb * bs, gid))
-    for ctx, ql in singles:
-        seqs.append((ql, ctx, alloc(-(-ctx // bs)), 0, -1))
-    rng.shuffle(seqs)
-    ql, ctx, bt, sl, gid = (list(x) for x in zip(*seqs))
-    meta = build_metadata(ql, ctx, bt, bs, CPU, shared_lens=sl, group_ids=gid)
-    meta.num_blocks = nxt  # test-only convenience: pool size
-    return meta
+def dense_attention(meta: AttentionMetadata, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """The oracle: per sequence, its keys read slot by slot from the pool, causal softmax attention
+    in float64, no paging tricks, no sharing."""
+    bs, kvh, (_, heads, _) = meta.block_size, k_cache.shape[0], q.shape
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for start, n, ctx, table in zip(meta.query_starts, meta.query_lens, meta.context_lens, meta.block_tables):
+        slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(ctx)])
+        k, v = (c[:, slots].double().repeat_interleave(heads // kvh, 0) for c in (k_cache, v_cache))  # [H, T, d]
+        scores = q[start:start + n].double().transpose(0, 1) @ k.transpose(1, 2) * scale  # [H, n, T]
+        future = torch.arange(ctx)[None, :] > torch.arange(ctx - n, ctx)[:, None]
+        out[start:start + n] = (scores.masked_fill(future, float("-inf")).softmax(-1) @ v).transpose(0, 1)
+    return out
 
 
-def random_pool(meta: AttentionMetadata, kvh: int, d: int, dtype: torch.dtype, gen: torch.Generator):
-    slots = meta.num_blocks * meta.block_size
-    k = torch.randn(kvh, slots, d, generator=gen).to(dtype)
-    v = torch.randn(kvh, slots, d, generator=gen).to(dtype)
-    k[:, : meta.block_size] = 0  # null block
-    v[:, : meta.block_size] = 0
-    return k, v
+def executors() -> dict[str, Executor]:
+    """Every executor this machine can run: PyTorch, and with a C compiler the CPU-kernel one with
+    prefill in C (at every head size: the portable loop where there is no fast path) and without."""
+    out: dict[str, Executor] = {"torch": TorchExecutor(CPU)}
+    if KERNELS is not None:
+        out["cpu"] = CpuExecutor(KERNELS)
+        out["cpu-torch-prefill"] = CpuExecutor(KERNELS, prefill_in_c=False)
+    return out
 
 
-def compare(meta: AttentionMetadata, heads: int, kvh: int, d: int, dtype: torch.dtype, seed: int) -> None:
+def compare(meta: AttentionMetadata, heads: int, kvh: int, d: int, dtype: torch.dtype, seed: int,
+            extra: dict[str, Executor] | None = None) -> None:
+    """Every executor on every plan of the step (nothing, decodes, everything shared) against the
+    PyTorch executor's unshared plan, which is checked against the dense oracle."""
     gen = torch.Generator().manual_seed(seed)
     k, v = random_pool(meta, kvh, d, dtype, gen)
     q = torch.randn(meta.num_tokens, heads, d, generator=gen).to(dtype)
     scale = d ** -0.5
-    ref = ReferenceAttention()  # all PyTorch: what every other path is checked against
-    want = ref.forward(q, k, v, ref.prepare(meta), scale)
-    others = [PrefixSharedAttention()]
-    if KERNELS is not None:
-        others += [PrefixSharedAttention(KERNELS), PrefixSharedAttention(KERNELS, share_prefill=False),
-                   PrefixSharedAttention(KERNELS, prefill_in_c=False), ReferenceAttention(KERNELS),
-                   ReferenceAttention(KERNELS, prefill_in_c=False)]
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    for be in others:
-        got = be.forward(q, k, v, be.prepare(meta), scale)
-        assert got.dtype == dtype and got.shape == q.shape
-        torch.testing.assert_close(got.float(), want.float(), **tol)
+    ref = TorchExecutor(CPU)
+    want = ref.run(q, k, v, ref.prepare(build_plan(meta, Share.NONE)), scale)
+    torch.testing.assert_close(want.double(), dense_attention(meta, q, k, v, scale), **tol)
+    for share in Share:
+        plan = build_plan(meta, share)
+        for name, ex in {**executors(), **(extra or {})}.items():
+            got = ex.run(q, k, v, ex.prepare(plan), scale)
+            assert got.dtype == dtype and got.shape == q.shape
+            torch.testing.assert_close(got.float(), want.float(), **tol, msg=lambda m: f"{name} {share}: {m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -125,7 +114,7 @@ def test_decode_only_many_groups_one_bucket() -> None:
     rng = random.Random(3)
     groups = [(4, [(rng.randint(1, 20), 1) for _ in range(6)]) for _ in range(7)]
     meta = make_step(rng, groups, [], bs=8)
-    assert len(PrefixSharedAttention().prepare(meta).buckets) == 1
+    assert len(TorchExecutor(CPU).prepare(build_plan(meta, Share.ALL)).groups) == 1
     compare(meta, 8, 2, 16, torch.float32, seed=3)
 
 
@@ -150,39 +139,6 @@ def test_merge_equals_attention_over_union() -> None:
     torch.testing.assert_close(merge_attention(o1, l1, o2, l2), want, atol=1e-6, rtol=1e-6)
 
 
-def test_auto_selection() -> None:
-    rng = random.Random(0)
-    small = make_step(rng, [(2, [(5, 1), (9, 1)])], [(30, 1)], bs=16)  # 2 members, 32-token prefix
-    big = make_step(rng, [(1008 // 16, [(100, 1)] * 16)], [], bs=16)  # 16 members, 1008-token prefix
-    assert saved_tokens(small) == 32 and saved_tokens(big) == 15 * 1008
-    assert select_backend(small) == "reference" and not should_share(small)
-    assert select_backend(big) == "prefix-shared" and should_share(big)
-    auto = AutoAttention("auto")
-    assert auto.prepare(small).path == "reference" and auto.last_path == "reference"
-    assert auto.prepare(big).path == "prefix-shared" and auto.last_path == "prefix-shared"
-    mid = make_step(rng, [(512 // 16, [(20, 1)] * 4)], [], bs=16)  # 4 members, 512-token prefix
-    assert saved_tokens(mid) == 3 * 512
-    assert not should_share(mid) and should_share(mid, kernels=True)  # the C path pays off sooner
-    if KERNELS is not None:
-        assert AutoAttention("auto", KERNELS).prepare(mid).path == "prefix-shared"
-        assert AutoAttention("auto", KERNELS).prepare(small).path == "reference"
-    # members' prefill chunks: shared on the PyTorch path; with kernels only decode queries count
-    pre = make_step(rng, [(1008 // 16, [(100, 50)] * 16)], [], bs=16)
-    assert saved_tokens(pre) == 14 * 1008 and saved_tokens(pre, decode_only=True) == 0
-    assert should_share(pre) and should_share(pre, kernels=True) and not should_share(pre, kernels=True, prefill=False)
-    if KERNELS is not None:
-        assert not AutoAttention("auto", KERNELS).backends["prefix-shared"].share_prefill
-        assert AutoAttention("auto", KERNELS).prepare(pre).path == "reference"
-        assert AutoAttention("prefix-shared", KERNELS).backends["prefix-shared"].share_prefill
-        slow = AutoAttention("auto", KERNELS, prefill_in_c=False)  # no fast C prefill: PyTorch, shared
-        assert slow.backends["prefix-shared"].share_prefill and slow.prepare(pre).path == "prefix-shared"
-    assert AutoAttention("auto").backends["prefix-shared"].share_prefill
-    assert AutoAttention("reference").prepare(big).path == "reference"
-    assert AutoAttention("prefix-shared").prepare(small).path == "prefix-shared"
-    with pytest.raises(ValueError):
-        AutoAttention("fast")  # type: ignore[arg-type]
-
-
 @pytest.mark.parametrize("mode", ["auto", "prefix-shared", "reference"])
 def test_auto_forward_matches_reference(mode: str) -> None:
     rng = random.Random(5)
@@ -190,38 +146,33 @@ def test_auto_forward_matches_reference(mode: str) -> None:
     gen = torch.Generator().manual_seed(5)
     k, v = random_pool(meta, 2, 16, torch.float32, gen)
     q = torch.randn(meta.num_tokens, 8, 16, generator=gen)
-    ref = ReferenceAttention()
-    want = ref.forward(q, k, v, ref.prepare(meta), 0.25)
-    auto = AutoAttention(mode)  # type: ignore[arg-type]
-    torch.testing.assert_close(auto.forward(q, k, v, auto.prepare(meta), 0.25), want, atol=1e-5, rtol=1e-5)
+    ref = TorchExecutor(CPU)
+    want = ref.run(q, k, v, ref.prepare(build_plan(meta, Share.NONE)), 0.25)
+    for ex in executors().values():
+        attention = Attention(mode, ex)
+        torch.testing.assert_close(attention.forward(q, k, v, attention.prepare(meta), 0.25), want, atol=1e-5,
+                                   rtol=1e-5)
 
 
-def test_kv_bytes_read_counts_prefix_once() -> None:
-    rng = random.Random(0)
-    meta = make_step(rng, [(10, [(3, 1)] * 4)], [(7, 1)], bs=4)  # prefix 40 tokens, 4 members
-    ref = kv_bytes_read(meta, "reference", num_layers=2, bytes_per_token_per_layer=10)
-    shared = kv_bytes_read(meta, "prefix-shared", num_layers=2, bytes_per_token_per_layer=10)
-    assert ref == (4 * 43 + 7) * 20
-    assert shared == (40 + 4 * 3 + 7) * 20
-    with pytest.raises(ValueError):
-        kv_bytes_read(meta, "other", 1, 1)
-
-
-def test_row_pieces_and_identity_maps(monkeypatch: pytest.MonkeyPatch) -> None:
-    import batchllm.attention.prefix_shared as ps
-
-    monkeypatch.setattr(ps, "MAX_ROWS", 3)  # cut groups' stacked rows and prefill chunks into pieces
+def test_row_pieces_and_identity_maps() -> None:
     rng = random.Random(7)
     meta = make_step(rng, [(3, [(9, 7), (5, 1), (4, 4)]), (2, [(2, 1)] * 5)], [(11, 8), (6, 1)], bs=4)
-    compare(meta, 8, 2, 16, torch.float32, seed=7)
-    assert kv_bytes_read(meta, "prefix-shared", 1, 1) == sum(meta.context_lens) - (3 - 4) * 12 - (5 - 2) * 8
-    monkeypatch.setattr(ps, "MAX_ROWS", 512)
+    # groups' stacked rows and merged prefill chunks cut into pieces of 3 rows
+    compare(meta, 8, 2, 16, torch.float32, seed=7, extra={"torch-3-rows": TorchExecutor(CPU, max_rows=3)})
+    assert kv_tokens(build_plan(meta, Share.ALL), rows_per_read=3) == sum(meta.context_lens) - (3 - 4) * 12 - (5 - 2) * 8
     # Decode-only step, one group in row order: no row gather/scatter at all.
     meta = build_metadata([1] * 6, [8 + i for i in range(6)], [[1, 2] + [3 + i, 9 + i] for i in range(6)], 4, CPU,
                           shared_lens=[8] * 6, group_ids=[0] * 6)
     meta.num_blocks = 16
-    prep = PrefixSharedAttention().prepare(meta)
-    assert prep.decode_rows is None and prep.buckets[0].dst is None and prep.buckets[0].src is None
+    plan = build_plan(meta, Share.ALL)
+    prep = TorchExecutor(CPU).prepare(plan)
+    assert prep.decodes is not None and prep.decodes.rows is None
+    assert prep.groups[0].dst is None and prep.groups[0].src is None
+    if KERNELS is not None:
+        cpu = CpuExecutor(KERNELS).prepare(plan)
+        assert cpu.shared is not None and cpu.shared.rows is None and cpu.decodes is None
+        unshared = CpuExecutor(KERNELS).prepare(build_plan(meta, Share.NONE))
+        assert unshared.shared is None and unshared.decodes is not None and unshared.decodes.rows is None
     compare(meta, 8, 2, 16, torch.float32, seed=8)
 
 
