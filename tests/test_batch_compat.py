@@ -193,3 +193,17 @@ def test_report_of_a_run_where_nothing_ran() -> None:
     assert "prefix saving n/a" in text and "peak n/a" in text
     assert "n/a" in s.summary() and "100.0%" not in s.summary()
 
+
+
+def test_readme_lists_every_request_field() -> None:
+    """The README's table of request fields names exactly the fields the parser knows."""
+    import re
+
+    from batchllm.batch_io import requests as rq
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("| field | completions | chat | notes |"):].split("\n\n")[0]
+    listed = {name for row in table.splitlines()[2:] for name in re.findall(r"`([a-z_]+)`", row.split("|")[1])}
+    known = {*rq._SAMPLING, *rq._IGNORED, *rq._NEUTRAL, *rq._COMPLETIONS_ONLY, *rq._CHAT_TEMPLATE, "max_tokens",
+             "max_completion_tokens", "logprobs", "top_logprobs", "best_of", "prompt", "messages"}
+    assert listed == known
