@@ -96,6 +96,16 @@ def test_default_kv_pool_follows_free_memory(llama_dir: Path, monkeypatch: pytes
         limits_of_config(EngineConfig.from_kwargs(str(llama_dir)))
 
 
+def test_sampling_params_vllm_fields_only_when_neutral() -> None:
+    SamplingParams(presence_penalty=0.0, frequency_penalty=0, repetition_penalty=1.0, include_stop_str_in_output=False,
+                   prompt_logprobs=None, detokenize=True)
+    for kw in (dict(presence_penalty=0.5), dict(frequency_penalty=-1.0), dict(repetition_penalty=1.1),
+               dict(include_stop_str_in_output=True), dict(prompt_logprobs=0), dict(detokenize=False)):
+        name = next(iter(kw))
+        with pytest.raises(ValueError, match=f"{name}=.* is not supported by batchllm"):
+            SamplingParams(**kw)
+
+
 # ---- prompts ---------------------------------------------------------------------------------
 
 def test_one_prompt_as_token_ids(llm: LLM) -> None:
@@ -161,6 +171,12 @@ def test_chat_content_parts_and_template_options(model_factory: Any) -> None:
         "assistant\n")
     with pytest.raises(ValueError, match="cannot both be true"):
         llm.chat(conv, use_tqdm=False, continue_final_message=True)
+    with pytest.raises(ValueError, match="lora_request is not supported"):
+        llm.chat(plain, greedy(2), False, object())
+    with pytest.raises(ValueError, match="tools are not supported"):
+        llm.chat(plain, greedy(2), use_tqdm=False, tools=[{"type": "function"}])
+    with pytest.raises(ValueError, match="chat_template_content_format='openai'"):
+        llm.chat(plain, greedy(2), use_tqdm=False, chat_template_content_format="openai")
     own = llm.chat(plain, greedy(2), use_tqdm=False, chat_template="{% for m in messages %}<{{ m.content }}>"
                    "{% endfor %}")[0]
     assert own.prompt == "<Hello\nthere>"

@@ -23,6 +23,11 @@ import torch
 PromptType = Union[str, list[int], dict[str, Any]]
 
 
+def _no_lora(lora_request: Any) -> None:
+    if lora_request is not None:
+        raise ValueError("lora_request is not supported by batchllm (no LoRA adapters)")
+
+
 class LLM:
     """An engine for one model folder. Unknown keyword arguments raise TypeError; vLLM's engine
     arguments are mapped, ignored with a warning, or refused (see `EngineConfig.from_kwargs`).
@@ -106,8 +111,9 @@ class LLM:
 
     def generate(self, prompts: PromptType | Seq[PromptType],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, lora_request: None = None) -> list[RequestOutput]:
         """Generate completions; returns one RequestOutput per prompt, in input order."""
+        _no_lora(lora_request)
         prompts = self._as_list(prompts)
         results: list[RequestOutput | None] = [None] * len(prompts)
         for out in self.iter_generate(prompts, sampling_params, use_tqdm=use_tqdm):
@@ -116,16 +122,25 @@ class LLM:
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-             use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
-             continue_final_message: bool = False, chat_template_kwargs: dict[str, Any] | None = None
-             ) -> list[RequestOutput]:
+             use_tqdm: bool = True, lora_request: None = None, chat_template: str | None = None,
+             chat_template_content_format: str = "auto", add_generation_prompt: bool = True,
+             continue_final_message: bool = False, tools: list[Any] | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """Render conversations with the model's chat template (or `chat_template`), then generate.
 
         `messages`: one conversation or a list of them; content may be a string or OpenAI text
         content parts (joined with newlines). `continue_final_message` leaves the last message
         open for the model to continue (then `add_generation_prompt` must be False);
         `chat_template_kwargs` reach the template, e.g. `{"enable_thinking": False}` for Qwen3.
+        The arguments follow vLLM's order; `lora_request` and `tools` must be None (not
+        supported), and content always reaches the template as a string (format "auto"/"string").
         """
+        _no_lora(lora_request)
+        if tools:
+            raise ValueError("tools are not supported by batchllm")
+        if chat_template_content_format not in ("auto", "string"):
+            raise ValueError(f"chat_template_content_format={chat_template_content_format!r} is not supported: "
+                             f"content reaches the template as a string ('auto' or 'string')")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = []
         for conv in conversations:
