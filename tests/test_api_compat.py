@@ -50,7 +50,8 @@ def test_vllm_engine_arguments(llama_dir: Path) -> None:
         warnings.simplefilter("error")  # the harmless ones say nothing
         cfg = EngineConfig.from_kwargs(str(llama_dir), tensor_parallel_size=1, enforce_eager=True,
                                        enable_prefix_caching=True, trust_remote_code=False, swap_space=0,
-                                       gpu_memory_utilization=0.3, tokenizer=str(llama_dir))
+                                       gpu_memory_utilization=0.3, tokenizer=str(llama_dir), disable_log_stats=True,
+                                       tokenizer_mode="auto")
     assert cfg.gpu_memory_utilization == 0.3 and cfg.tokenizer == str(llama_dir) and cfg.policy == "batchllm"
     assert EngineConfig.from_kwargs(str(llama_dir), enable_prefix_caching=False).policy == "fcfs"
     assert EngineConfig.from_kwargs(str(llama_dir), enable_prefix_caching=False, policy="lpm").policy == "lpm"

@@ -115,9 +115,13 @@ def _vllm_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
             ignore("trust_remote_code", "batchllm runs only its own model code, never code from the model folder")
         else:
             kw.pop("trust_remote_code")
-    for name in ("tokenizer_mode", "disable_log_stats", "disable_custom_all_reduce"):
-        if name in kw:
-            ignore(name, "it has no meaning in batchllm")
+    for name in ("disable_log_stats", "disable_custom_all_reduce"):  # no effect on what is computed
+        kw.pop(name, None)
+    if "tokenizer_mode" in kw:
+        if kw["tokenizer_mode"] in ("auto", "hf"):
+            kw.pop("tokenizer_mode")
+        else:
+            ignore("tokenizer_mode", "batchllm always uses the folder's tokenizer.json (the fast tokenizer)")
     if kw.get("kv_cache_dtype") not in (None, "auto"):
         raise ValueError(f"kv_cache_dtype={kw['kv_cache_dtype']!r} is not supported: the KV cache uses the "
                          f"model's dtype (kv_cache_dtype='auto')")

@@ -178,16 +178,29 @@ class LLM:
         remaining = {i: len(v) for i, v in by_request.items()}
         bar = tqdm(total=len(ids), desc="requests", unit="req", disable=not use_tqdm, file=sys.stderr,
                    dynamic_ncols=True)
+        last_refresh = [time.monotonic()]
+
+        def postfix(refresh: bool) -> None:
+            t = max(stats.wall_time_s, 1e-9)
+            # NOTE: prefill counts the prompt tokens computed so far, so it moves while long
+            # prompts prefill and no request has finished yet.
+            bar.set_postfix_str(f"prefill {stats.computed_prefill_tokens / t:.0f} tok/s, out "
+                                f"{stats.output_tokens / t:.0f} tok/s", refresh=refresh)
+
+        def step_hook() -> bool:  # polled before every engine step
+            if use_tqdm and stats.steps and time.monotonic() - last_refresh[0] >= 0.5:
+                last_refresh[0] = time.monotonic()
+                postfix(True)
+            return should_stop is not None and should_stop()
+
         try:
-            for seq in self.engine.run(seqs, plan, stats, should_stop=should_stop):
+            for seq in self.engine.run(seqs, plan, stats, should_stop=step_hook):
                 i = seq.request_index
                 remaining[i] -= 1
                 if remaining[i]:
                     continue
                 bar.update(1)
-                t = max(stats.wall_time_s, 1e-9)
-                bar.set_postfix_str(f"prefill {stats.computed_prefill_tokens / t:.0f} tok/s, out "
-                                    f"{stats.output_tokens / t:.0f} tok/s, saving {stats.saving:.1%}", refresh=False)
+                postfix(False)
                 yield self._request_output(i, texts[i], ids[i], by_request[i], prefix_owner, arrival)
         finally:
             bar.close()
