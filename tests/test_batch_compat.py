@@ -85,6 +85,16 @@ def test_logprobs_hold_each_tokens_raw_bytes(model: Path) -> None:
     assert "".join(choice["logprobs"]["tokens"]) == choice["text"] == text[:4]
 
 
+def test_token_bytes_of_sentencepiece_vocabularies() -> None:
+    from batchllm.tokenizer import _token_bytes_rule
+
+    rule = _token_bytes_rule({"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
+        {"type": "Fuse"}]})
+    assert [rule(p) for p in ("<0xE2>", "\u2581hello", "<0xZZ>")] == [b"\xe2", b" hello", b"<0xZZ>"]
+    assert _token_bytes_rule(None)("\u00e9") == "\u00e9".encode()
+
+
 # ---- job files -------------------------------------------------------------------------------
 
 def test_resume_a_moved_job_folder(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

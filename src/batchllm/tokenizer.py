@@ -39,7 +39,8 @@ class Tokenizer:
         self.eos_token_ids = self._eos_ids(path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self._compiled: dict[str, jinja2.Template] = {}
-        self._bytes_of = _token_bytes_rule(json.loads((path / "tokenizer.json").read_text()).get("decoder"))
+        decoder = self._tok.decoder
+        self._bytes_of = _token_bytes_rule(json.loads(decoder.__getstate__()) if decoder is not None else None)
         # Added tokens (special ones included) are stored as their text, not in the byte alphabet.
         self._added = set(self._tok.get_added_tokens_decoder())
         self._token_bytes: dict[int, bytes] = {}
