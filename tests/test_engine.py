@@ -93,7 +93,7 @@ def test_greedy_matches_transformers(name: str, model_factory: Callable[..., Pat
         for step, (ours, logits) in enumerate(zip(got.logprobs, r.logits)):
             ref = torch.log_softmax(logits[0].float(), dim=-1)
             for tok, lp in ours.items():
-                assert lp == pytest.approx(ref[tok].item(), abs=2e-4), (name, i, step, tok)
+                assert lp.logprob == pytest.approx(ref[tok].item(), abs=2e-4), (name, i, step, tok)
 
     if name == "llama-tied":
         model = llm.engine.runner.model
@@ -337,10 +337,10 @@ def test_logprobs_shape(llm: LLM, batch50: list[list[int]]) -> None:
             for tok, step in zip(c.token_ids, c.logprobs):
                 assert tok in step
                 assert k <= len(step) <= k + 1
-                assert all(v <= 1e-6 for v in step.values())
+                assert all(v.logprob <= 1e-6 for v in step.values())
                 if params.greedy:
-                    assert len(step) == max(k, 1) and step[tok] == max(step.values())
-            assert c.cumulative_logprob == pytest.approx(sum(s[t] for t, s in zip(c.token_ids, c.logprobs)),
+                    assert len(step) == max(k, 1) and step[tok].logprob == max(v.logprob for v in step.values())
+            assert c.cumulative_logprob == pytest.approx(sum(s[t].logprob for t, s in zip(c.token_ids, c.logprobs)),
                                                          abs=1e-4)
     c = llm.generate(batch50[:1], greedy(4), use_tqdm=False)[0].outputs[0]
     assert c.logprobs is None and c.cumulative_logprob is None

@@ -6,14 +6,15 @@
 
 from typing import TYPE_CHECKING
 
-from batchllm.outputs import CompletionOutput, RequestOutput, RunStats
+from batchllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, RunStats
 from batchllm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from batchllm.llm import LLM
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "RunStats", "__version__"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestMetrics", "RunStats",
+           "__version__"]
 
 
 def __getattr__(name: str) -> object:

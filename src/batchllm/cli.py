@@ -1,7 +1,7 @@
 """The `batchllm` command: run-batch, plan, demo, make-tiny-model (also `python -m batchllm`).
 
 Exit codes: 0 success (invalid input lines are error records, not failures); 1 engine or
-internal failure; 2 usage error or refusal (OUT exists without --resume/--overwrite, resume
+internal failure, or no request of the file succeeded; 2 usage error or refusal (OUT exists without --resume/--overwrite, resume
 mismatch, bad flag); 130 interrupted by SIGINT/SIGTERM (finished results are kept; --resume).
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shlex
 import sys
 from collections.abc import Sequence
@@ -18,32 +17,31 @@ from typing import Any
 
 from batchllm import __version__
 from batchllm.batch_io.exit_codes import EXIT_FAILURE, EXIT_USAGE
-from batchllm.config import POLICIES, EngineConfig
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
-          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+from batchllm.config import DEFAULT_MEMORY_UTILIZATION, DTYPE_ALIASES, POLICIES, EngineConfig, parse_size as _size
 
 
 def parse_size(text: str) -> int:
-    """Bytes from "2147483648", "2GiB", "512MiB", "1.5G", "4e9"."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 2GiB, 512MiB, 4e9)")
-    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
-    return value
+    """Bytes from "2147483648", "2GiB", "512MiB", "1.5G", "4e9" (`config.parse_size` for argparse)."""
+    try:
+        return _size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _engine_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine (vLLM spellings; unset = engine default)")
-    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="default: the checkpoint's")
+    g.add_argument("--dtype", choices=tuple(DTYPE_ALIASES), metavar="DTYPE",
+                   help="auto (the checkpoint's, default), float32 (float), bfloat16, float16 (half)")
     g.add_argument("--max-model-len", type=int, metavar="N", help="context limit (default: the model's)")
     g.add_argument("--max-num-seqs", type=int, metavar="N", help="running-sequence cap (default: policy's)")
     g.add_argument("--max-num-batched-tokens", type=int, metavar="N", help="tokens per step (default 2048)")
     g.add_argument("--block-size", type=int, metavar="N", help="KV block size in tokens (default 16)")
     g.add_argument("--seed", type=int, help="engine seed for unseeded sampled requests (default 0)")
-    g.add_argument("--kv-cache-memory", type=parse_size, metavar="SIZE", help="KV pool size, e.g. 4GiB (default 2GiB)")
+    g.add_argument("--kv-cache-memory", type=parse_size, metavar="SIZE",
+                   help="KV pool size, e.g. 4GiB (default: see --gpu-memory-utilization)")
+    g.add_argument("--gpu-memory-utilization", type=float, metavar="F",
+                   help=f"without --kv-cache-memory: the share of the memory available at start that the engine "
+                   f"may use, weights included; the KV pool gets the rest (default {DEFAULT_MEMORY_UTILIZATION})")
     g.add_argument("--num-kv-blocks", type=int, metavar="N",
                    help="KV pool size in blocks (overrides --kv-cache-memory)")
     g.add_argument("--policy", choices=POLICIES, help="scheduling policy (default batchllm)")
@@ -53,7 +51,7 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
 
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     names = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "seed",
-             "kv_cache_memory", "num_kv_blocks", "policy", "attention", "device")
+             "kv_cache_memory", "gpu_memory_utilization", "num_kv_blocks", "policy", "attention", "device")
     return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
 
 
@@ -70,11 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(OUT.manifest.json) records the input hash, model and settings so --resume can check them. "
                         "Defaults: completions max_tokens 16 and temperature 1 (as OpenAI); chat without max_tokens "
                         "may use the rest of the context: min(max_model_len, KV pool) - prompt tokens.",
-                        epilog="Exit codes: 0 done (even with invalid lines), 1 engine failure, 2 usage error or "
-                        "refusal, 130 interrupted (resume with --resume).")
+                        epilog="Exit codes: 0 done (even with invalid lines), 1 engine failure or no request "
+                        "succeeded, 2 usage error or refusal, 130 interrupted (resume with --resume).")
     rb.add_argument("-i", "--input", required=True, type=Path, metavar="IN.jsonl")
-    rb.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.jsonl")
+    rb.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.jsonl",
+                    help="results file; - writes results (and error records, without --error-file) to stdout, "
+                    "the report to stderr, and no manifest (no --resume)")
     rb.add_argument("--model", required=True, metavar="PATH", help="local Hugging Face model folder")
+    rb.add_argument("--served-model-name", metavar="NAME", help="the results' model field (default: --model as given)")
     rb.add_argument("--error-file", type=Path, metavar="PATH", help="error records (default OUT.errors.jsonl)")
     mode = rb.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true",
@@ -127,7 +128,8 @@ def _cmd_run_batch(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return run_batch(JobOptions(
         input=args.input, output=args.output, model=args.model, engine_kwargs=_engine_kwargs(args),
         error_file=args.error_file, resume=args.resume, overwrite=args.overwrite, stats_json=args.stats_json,
-        resume_command=_resume_command(argv), log_interval=args.log_interval))
+        resume_command=None if str(args.output) == "-" else _resume_command(argv), log_interval=args.log_interval,
+        served_model_name=args.served_model_name))
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:

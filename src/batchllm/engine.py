@@ -32,7 +32,7 @@ class Engine:
         self.config = config
         path = Path(config.model)
         self.model_config = read_config(path)
-        self.tokenizer = Tokenizer(path)
+        self.tokenizer = Tokenizer(Path(config.tokenizer) if config.tokenizer else path)
         mc = self.model_config
         # The rule run-batch and `batchllm plan` validate against too (limits.py).
         self.limits = engine_limits(config, mc)
@@ -114,7 +114,11 @@ class Engine:
                 reason, seq.stop_reason = "stop", token
             elif p.stop_list:
                 text = self.tokenizer.decode(seq.output_token_ids, p.skip_special_tokens)
-                hits = [(text.find(s), s) for s in p.stop_list if s in text]
+                # NOTE: only text generated after the first min_tokens tokens may stop the sequence
+                # (as in vLLM): a match must end past the text of those tokens.
+                floor = len(self.tokenizer.decode(seq.output_token_ids[:p.min_tokens], p.skip_special_tokens)
+                            ) if p.min_tokens else 0
+                hits = [(at, s) for s in p.stop_list if (at := text.find(s, max(0, floor - len(s) + 1))) >= 0]
                 if hits:
                     at, s = min(hits)
                     reason, seq.stop_reason, seq.stop_text = "stop", s, text[:at]

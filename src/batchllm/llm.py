@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence as Seq
 from typing import Any, Union
 
@@ -11,7 +12,7 @@ from tqdm import tqdm
 from batchllm.batch_plan import plan_batch
 from batchllm.config import EngineConfig
 from batchllm.engine import Engine
-from batchllm.outputs import CompletionOutput, RequestOutput, RunStats
+from batchllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, RunStats
 from batchllm.planner import Plan
 from batchllm.sampling_params import SamplingParams
 from batchllm.seeding import prompt_seeds, sample_seed
@@ -22,8 +23,14 @@ import torch
 PromptType = Union[str, list[int], dict[str, Any]]
 
 
+def _no_lora(lora_request: Any) -> None:
+    if lora_request is not None:
+        raise ValueError("lora_request is not supported by batchllm (no LoRA adapters)")
+
+
 class LLM:
-    """An engine for one model folder. Unknown keyword arguments raise TypeError.
+    """An engine for one model folder. Unknown keyword arguments raise TypeError; vLLM's engine
+    arguments are mapped, ignored with a warning, or refused (see `EngineConfig.from_kwargs`).
 
     Example: `LLM("path/to/model", dtype="bfloat16").generate(["Hello"], SamplingParams(max_tokens=8))`.
     """
@@ -33,8 +40,20 @@ class LLM:
         self.engine = Engine(self.config)
         self.tokenizer = self.engine.tokenizer
         self.last_run_stats: RunStats | None = None
+        if self.engine.limits.kv_note:
+            print(f"[batchllm] {self.engine.limits.kv_note}", file=sys.stderr, flush=True)
 
     # ---- inputs -----------------------------------------------------------------------------
+    @staticmethod
+    def _as_list(prompts: PromptType | Seq[PromptType]) -> list[PromptType]:
+        """One prompt (a string, a dict, or one list of token ids) or a sequence of prompts."""
+        if isinstance(prompts, (str, dict)):
+            return [prompts]
+        prompts = list(prompts)
+        if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+            return [prompts]  # type: ignore[list-item]  # one prompt given as token ids
+        return prompts  # type: ignore[return-value]
+
     def _tokenize(self, prompts: Seq[PromptType]) -> tuple[list[str | None], list[list[int]]]:
         texts: list[str | None] = []
         ids: list[list[int]] = []
@@ -48,9 +67,12 @@ class LLM:
             elif isinstance(p, dict) and "prompt" in p:
                 texts.append(p["prompt"])
                 ids.append(self.tokenizer.encode(p["prompt"]))
-            else:
+            elif isinstance(p, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
                 texts.append(None)
                 ids.append(list(p))
+            else:
+                raise TypeError(f"prompt {len(ids)}: a prompt is a string, a list of token ids or a dict with "
+                                f"'prompt' or 'prompt_token_ids', got {type(p).__name__}")
         return texts, ids
 
     def _params_list(self, n: int, sampling_params: SamplingParams | Seq[SamplingParams] | None
@@ -81,32 +103,50 @@ class LLM:
         return seqs
 
     # ---- public -----------------------------------------------------------------------------
-    def plan(self, prompts: Seq[PromptType], sampling_params: SamplingParams | Seq[SamplingParams] | None = None
-             ) -> Plan:
+    def plan(self, prompts: PromptType | Seq[PromptType],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> Plan:
         """Plan the batch (prefix-sharing groups and their order) without running the model."""
-        _, ids = self._tokenize(prompts)
+        _, ids = self._tokenize(self._as_list(prompts))
         return plan_batch(self.config, ids, self._params_list(len(ids), sampling_params))
 
     def generate(self, prompts: PromptType | Seq[PromptType],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, lora_request: None = None) -> list[RequestOutput]:
         """Generate completions; returns one RequestOutput per prompt, in input order."""
-        if isinstance(prompts, (str, dict)):
-            prompts = [prompts]
+        _no_lora(lora_request)
+        prompts = self._as_list(prompts)
         results: list[RequestOutput | None] = [None] * len(prompts)
         for out in self.iter_generate(prompts, sampling_params, use_tqdm=use_tqdm):
             results[int(out.request_id)] = out
         return [r for r in results if r is not None]
 
-    def chat(self, conversations: list[dict[str, Any]] | list[list[dict[str, Any]]],
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-             use_tqdm: bool = True) -> list[RequestOutput]:
-        """Render conversations with the model's chat template, then generate."""
-        if conversations and isinstance(conversations[0], dict):
-            conversations = [conversations]  # type: ignore[list-item]
+             use_tqdm: bool = True, lora_request: None = None, chat_template: str | None = None,
+             chat_template_content_format: str = "auto", add_generation_prompt: bool = True,
+             continue_final_message: bool = False, tools: list[Any] | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """Render conversations with the model's chat template (or `chat_template`), then generate.
+
+        `messages`: one conversation or a list of them; content may be a string or OpenAI text
+        content parts (joined with newlines). `continue_final_message` leaves the last message
+        open for the model to continue (then `add_generation_prompt` must be False);
+        `chat_template_kwargs` reach the template, e.g. `{"enable_thinking": False}` for Qwen3.
+        The arguments follow vLLM's order; `lora_request` and `tools` must be None (not
+        supported), and content always reaches the template as a string (format "auto"/"string").
+        """
+        _no_lora(lora_request)
+        if tools:
+            raise ValueError("tools are not supported by batchllm")
+        if chat_template_content_format not in ("auto", "string"):
+            raise ValueError(f"chat_template_content_format={chat_template_content_format!r} is not supported: "
+                             f"content reaches the template as a string ('auto' or 'string')")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = []
         for conv in conversations:
-            text = self.tokenizer.apply_chat_template(conv)  # type: ignore[arg-type]
+            text = self.tokenizer.apply_chat_template(
+                conv, add_generation_prompt=add_generation_prompt, chat_template=chat_template,  # type: ignore[arg-type]
+                continue_final_message=continue_final_message, **(chat_template_kwargs or {}))
             prompts.append({"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
@@ -116,7 +156,8 @@ class LLM:
                       ) -> Iterator[RequestOutput]:
         """Like `generate`, but yields each request's output as soon as all its samples finish
         (completion order; `request_id` is the input index). Validates everything first."""
-        texts, ids = self._tokenize(prompts)
+        arrival = time.time()
+        texts, ids = self._tokenize(self._as_list(prompts))
         params = self._params_list(len(ids), sampling_params)
         errors = self.validate(ids, params)
         if errors:
@@ -124,6 +165,10 @@ class LLM:
                              + (" ..." if len(errors) > 20 else ""))
         seqs = self._make_seqs(ids, params)
         plan = plan_batch(self.config, ids, params) if self.config.policy == "batchllm" else None
+        # The request each shared group's prefix is computed for: its first member's.
+        prefix_owner = {gid: seqs[g.members[0]].request_index for gid, g in enumerate(plan.groups)
+                        if g.shared} if plan is not None else {}
+        self.engine.sampler.first_token_time.clear()
         # NOTE: logical prefill counts every sample: without sharing, each of n samples prefills its prompt.
         stats = RunStats(num_requests=len(ids), logical_prefill_tokens=sum(s.num_prompt_tokens for s in seqs))
         self.last_run_stats = stats
@@ -133,23 +178,35 @@ class LLM:
         remaining = {i: len(v) for i, v in by_request.items()}
         bar = tqdm(total=len(ids), desc="requests", unit="req", disable=not use_tqdm, file=sys.stderr,
                    dynamic_ncols=True)
-        done_prompt_tokens = 0
+        last_refresh = [time.monotonic()]
+
+        def postfix(refresh: bool) -> None:
+            t = max(stats.wall_time_s, 1e-9)
+            # NOTE: prefill counts the prompt tokens computed so far, so it moves while long
+            # prompts prefill and no request has finished yet.
+            bar.set_postfix_str(f"prefill {stats.computed_prefill_tokens / t:.0f} tok/s, out "
+                                f"{stats.output_tokens / t:.0f} tok/s", refresh=refresh)
+
+        def step_hook() -> bool:  # polled before every engine step
+            if use_tqdm and stats.steps and time.monotonic() - last_refresh[0] >= 0.5:
+                last_refresh[0] = time.monotonic()
+                postfix(True)
+            return should_stop is not None and should_stop()
+
         try:
-            for seq in self.engine.run(seqs, plan, stats, should_stop=should_stop):
+            for seq in self.engine.run(seqs, plan, stats, should_stop=step_hook):
                 i = seq.request_index
                 remaining[i] -= 1
                 if remaining[i]:
                     continue
-                done_prompt_tokens += len(ids[i])
                 bar.update(1)
-                t = max(stats.wall_time_s, 1e-9)
-                bar.set_postfix_str(f"in {done_prompt_tokens / t:.0f} tok/s, out {stats.output_tokens / t:.0f} "
-                                    f"tok/s, saving {stats.saving:.1%}", refresh=False)
-                yield self._request_output(i, texts[i], ids[i], by_request[i])
+                postfix(False)
+                yield self._request_output(i, texts[i], ids[i], by_request[i], prefix_owner, arrival)
         finally:
             bar.close()
 
-    def _request_output(self, index: int, text: str | None, ids: list[int], seqs: list[Sequence]) -> RequestOutput:
+    def _request_output(self, index: int, text: str | None, ids: list[int], seqs: list[Sequence],
+                        prefix_owner: dict[int, int], arrival: float) -> RequestOutput:
         outs = []
         for s in seqs:
             p = s.params
@@ -158,7 +215,29 @@ class LLM:
             outs.append(CompletionOutput(
                 index=s.sample_index, text=out_text, token_ids=list(s.output_token_ids),
                 cumulative_logprob=s.cumulative_logprob if p.logprobs is not None else None,
-                logprobs=s.logprobs, finish_reason=s.finish_reason, stop_reason=s.stop_reason,
+                logprobs=self._decoded(s.logprobs), finish_reason=s.finish_reason, stop_reason=s.stop_reason,
             ))
+        now = time.time()
+        firsts = [t for s in seqs if (t := self.engine.sampler.first_token_time.pop(s.seq_id, None)) is not None]
         return RequestOutput(request_id=str(index), prompt=text, prompt_token_ids=ids, outputs=outs,
-                             num_cached_tokens=min(s.num_cached_tokens for s in seqs))
+                             num_cached_tokens=min(self._cached_tokens(s, prefix_owner) for s in seqs),
+                             metrics=RequestMetrics(arrival, min(firsts, default=None), now, now))
+
+    @staticmethod
+    def _cached_tokens(seq: Sequence, prefix_owner: dict[int, int]) -> int:
+        """Prompt tokens `seq` reused from computation done for another request. A group's prefix
+        is computed once, for its first member's request: that request's samples count it as
+        computed, the other members' requests as cached."""
+        if prefix_owner.get(seq.group_id) == seq.request_index:
+            return 0
+        return seq.num_cached_tokens
+
+    def _decoded(self, steps: list[dict[int, Logprob]] | None) -> list[dict[int, Logprob]] | None:
+        """The steps' Logprobs with `decoded_token` (each token's text on its own) filled in."""
+        if steps is None:
+            return None
+        for d in steps:
+            for tid, lp in d.items():
+                if lp.decoded_token is None:
+                    lp.decoded_token = self.tokenizer.decode([tid], skip_special_tokens=False)
+        return steps

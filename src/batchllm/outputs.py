@@ -6,6 +6,20 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class Logprob:
+    """One token's log-probability at one step (vLLM's shape): `rank` is its place in that step's
+    distribution (1 = most likely), `decoded_token` its text on its own."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# One step's log-probabilities: token id -> Logprob (the top-k tokens and the sampled one).
+SampleLogprobs = list[dict[int, Logprob]]
+
+
+@dataclass
 class CompletionOutput:
     """One sampled completion of a request (vLLM's shape)."""
 
@@ -13,14 +27,37 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     cumulative_logprob: float | None
-    logprobs: list[dict[int, float]] | None
+    logprobs: SampleLogprobs | None
     finish_reason: str | None  # "stop" | "length"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestMetrics:
+    """When a request arrived, got its first token and finished (`time.time()` seconds).
+
+    Every request of one `generate` call arrives when the call starts; `first_token_time` is the
+    earliest first token of its samples, `finished_time` when its last sample finished.
+    """
+
+    arrival_time: float
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
 
 
 @dataclass
 class RequestOutput:
-    """All completions of one prompt. `num_cached_tokens` = prompt tokens served from a shared prefix."""
+    """All completions of one prompt. `num_cached_tokens` = prompt tokens whose KV was reused from
+    earlier computation for another request (a shared prefix computed before), not computed for
+    this one. `prompt_logprobs` is always None (prompt log-probabilities are not supported)."""
 
     request_id: str
     prompt: str | None
@@ -28,6 +65,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = True
     num_cached_tokens: int = 0
+    metrics: RequestMetrics | None = None
+    prompt_logprobs: None = None
 
 
 @dataclass
@@ -80,7 +119,10 @@ class RunStats:
         return d
 
     def summary(self) -> str:
-        """A short human-readable report."""
+        """A short human-readable report ("n/a" for what no step measured)."""
+        if self.steps == 0:
+            return (f"requests {self.num_requests} | prefill tokens logical {self.logical_prefill_tokens}, "
+                    f"computed 0 (saving n/a) | no engine step ran | peak KV n/a")
         return (
             f"requests {self.num_requests} | prefill tokens logical {self.logical_prefill_tokens}, "
             f"computed {self.computed_prefill_tokens} (saving {self.saving:.1%}) | output tokens "

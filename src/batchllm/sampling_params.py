@@ -10,7 +10,13 @@ class SamplingParams:
     """How to sample one request. `temperature=0` is greedy.
 
     `top_k` of 0 or -1 disables top-k; `logprobs=k` returns the k most likely tokens (plus the
-    sampled one) at every step; `stop` strings are matched on the decoded text and cut from it.
+    sampled one) at every step; `stop` strings are matched on the decoded text and cut from it
+    (only where they end in text generated after the first `min_tokens` tokens).
+
+    vLLM fields batchllm does not implement are accepted at their neutral value only
+    (`presence_penalty=0`, `frequency_penalty=0`, `repetition_penalty=1`,
+    `include_stop_str_in_output=False`, `prompt_logprobs=None`, `detokenize=True`), so a ported
+    script fails loudly instead of sampling differently.
     """
 
     n: int = 1
@@ -26,6 +32,12 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = None
+    detokenize: bool = True
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -71,6 +83,11 @@ class SamplingParams:
             p.append("stop_token_ids must be non-negative integers")
         if self.logprobs is not None and (not is_int(self.logprobs) or self.logprobs < 0):
             p.append(f"logprobs must be an integer >= 0, got {self.logprobs!r}")
+        for name, neutral in (("presence_penalty", 0), ("frequency_penalty", 0), ("repetition_penalty", 1),
+                              ("include_stop_str_in_output", False), ("prompt_logprobs", None), ("detokenize", True)):
+            value = getattr(self, name)
+            if (value is not None) if neutral is None else (value != neutral):
+                p.append(f"{name}={value!r} is not supported by batchllm (only {neutral!r})")
         return p
 
     @property

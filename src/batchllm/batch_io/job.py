@@ -1,7 +1,8 @@
 """The run-batch job: parse, validate, skip what is done, run, write results as they finish.
 
-Exit codes: 0 done (bad input lines are error records, not failures), 1 engine failure,
-2 usage error or refusal (OUT exists, resume mismatch), 130 interrupted (SIGINT/SIGTERM).
+Exit codes: 0 done (bad input lines are error records, not failures; an empty input is a
+warning), 1 engine failure, or no request of the file succeeded, 2 usage error or refusal (OUT
+exists, resume mismatch), 130 interrupted (SIGINT/SIGTERM).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from batchllm.outputs import RequestOutput, RunStats
 from .prepare import Prepared, paused_gc, prepare, units_of
 from .progress import Progress, Report, log
 from .requests import BatchRequest, ErrorRecord
-from .resume import JobFiles, OpenedJob, UsageError, open_job, sibling
+from .resume import STDOUT, JobFiles, OpenedJob, UsageError, open_job, sibling
 from .schema import RecordMaker
 from .signals import StopSignals
-from .writer import JsonlWriter
+from .writer import JsonlWriter, StdoutWriter, open_writer
 from .exit_codes import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 
 
@@ -43,9 +44,12 @@ class JobOptions:
     report_stream: TextIO | None = None  # the final report (default stdout)
     tty: bool | None = None  # progress bar? (default: whether `stream` is a terminal)
     log_interval: float = 5.0
+    served_model_name: str | None = None  # the results' `model` field (default: `model` as given)
 
     @property
     def files(self) -> JobFiles:
+        if self.output == STDOUT:
+            return JobFiles(self.input, STDOUT, self.error_file or STDOUT, None, self.stats_json)
         return JobFiles(self.input, self.output, self.error_file or sibling(self.output, ".errors.jsonl"),
                         sibling(self.output, ".manifest.json"), self.stats_json)
 
@@ -78,8 +82,11 @@ class _Job:
         log(f"{self.files.input}: {len(p.items)} requests, {len(p.errors)} invalid line(s)"
             + (f"; resuming: {len(job.done_ids)} results and {len(job.done_lines)} error records already written"
                if job.resumed else ""), self.stream)
+        if not p.items:
+            log(f"warning: {self.files.input} holds no request (it is empty or blank); nothing to run", self.stream)
+            return self._finish("complete", None)
         status, message, phase = "failed", None, "model load failed"
-        writers: list[JsonlWriter] = []
+        writers: list[JsonlWriter | StdoutWriter] = []
         with StopSignals(self.stream) as sig:
             try:
                 log(f"loading {self.o.model} ...", self.stream)
@@ -89,7 +96,7 @@ class _Job:
                 self.load_s = time.monotonic() - self.t0
                 phase = "failure while preparing requests"
                 todo, maker = self._prepare(llm)
-                out_w, err_w = JsonlWriter(self.files.output), JsonlWriter(self.files.errors)
+                out_w, err_w = open_writer(self.files.output), open_writer(self.files.errors)
                 writers += [out_w, err_w]
                 self._write_errors(err_w, maker)
                 self.remaining = len(todo)
@@ -107,7 +114,9 @@ class _Job:
             finally:
                 for w in writers:
                     w.close()
-            if status == "interrupted":
+            if status == "interrupted" and self.files.to_stdout:
+                message = f"interrupted by {sig.name}; the results finished so far went to stdout"
+            elif status == "interrupted":
                 message = (f"interrupted by {sig.name}; finished results are saved. Resume with:\n    "
                            f"{self.o.resume_command or 'the same command plus --resume'}")
         if status == "failed" and self.o.resume_command:
@@ -125,9 +134,11 @@ class _Job:
             prepared, bad = prepare(p.requests, llm.tokenizer, limits, job.cfg.seed, max_context)
         self.errors = sorted(p.errors + bad, key=lambda e: e.line)
         job.manifest.runs.append(self.run_entry)
-        job.manifest.save(self.files.manifest)
-        self.manifest_saved = True
-        maker = RecordMaker(p.sha256, self.o.model, llm.tokenizer, f"fp_{job.this_run.model_fingerprint[:10]}")
+        if self.files.manifest is not None:
+            job.manifest.save(self.files.manifest)
+            self.manifest_saved = True
+        maker = RecordMaker(p.sha256, self.o.served_model_name or self.o.model, llm.tokenizer,
+                            f"fp_{job.this_run.model_fingerprint[:10]}")
         todo = [r for r in prepared if not job.is_done(r.request.line, r.request.custom_id)]
         if prepared and not todo:
             log("every request is already done", self.stream)
@@ -135,7 +146,7 @@ class _Job:
             log("no valid request in the input", self.stream)
         return todo, maker
 
-    def _write_errors(self, err_w: JsonlWriter, maker: RecordMaker) -> None:
+    def _write_errors(self, err_w: JsonlWriter | StdoutWriter, maker: RecordMaker) -> None:
         """Error records not written by an earlier run (a duplicate's id belongs to another line)."""
         new = [e for e in self.errors if not self.job.is_done(e.line, e.custom_id if e.owns_id else None)]
         for e in new:
@@ -143,9 +154,10 @@ class _Job:
         err_w.sync()
         self.failed_run = len(new)
         if new:
-            log(f"{len(new)} invalid request(s) written to {self.files.errors}", self.stream)
+            log(f"{len(new)} invalid request(s) written to {_name(self.files.errors)}", self.stream)
 
-    def _run(self, llm: Any, todo: list[Prepared], maker: RecordMaker, out_w: JsonlWriter, sig: StopSignals) -> None:
+    def _run(self, llm: Any, todo: list[Prepared], maker: RecordMaker, out_w: JsonlWriter | StdoutWriter,
+             sig: StopSignals) -> None:
         log(f"running {len(todo)} request(s) ({sum(len(r.prompt_ids) for r in todo)} prompts)", self.stream)
         done = len(self.job.done_ids)
         progress = Progress(len(todo) + done, done, self.stream, self.o.tty, self.o.log_interval)
@@ -169,18 +181,26 @@ class _Job:
                         ok_this_run=self.ok_run, ok_before=ok_before, failed_this_run=self.failed_run,
                         remaining=max(0, len(job.parsed.items) - ok - failed),
                         total_time_s=time.monotonic() - self.t0, load_time_s=self.load_s, run=self.stats,
-                        files={"results": str(f.output), "errors": str(f.errors), "manifest": str(f.manifest)},
+                        files={"results": _name(f.output), "errors": _name(f.errors),
+                               "manifest": _name(f.manifest)},
                         message=message)
-        if self.manifest_saved:
+        if self.manifest_saved and f.manifest is not None:
             self.run_entry.update(status=status, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), ok=self.ok_run,
                                   failed=self.failed_run)
             job.manifest.save(f.manifest)
-        print(report.text(), file=self.o.report_stream or sys.stdout, flush=True)
+        # NOTE: with `-o -` stdout carries the results alone; the report goes to stderr.
+        report_stream = self.o.report_stream or (sys.stderr if f.to_stdout else sys.stdout)
+        print(report.text(), file=report_stream, flush=True)
         if f.stats_json is not None:
             f.stats_json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         if status == "complete" and ok == 0 and failed:
-            log("warning: every request failed; see the error file", self.stream)
+            log(f"error: no request succeeded ({failed} failed); see {_name(f.errors)}", self.stream)
+            return EXIT_FAILURE
         return {"complete": EXIT_OK, "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_FAILURE)
+
+
+def _name(path: Path | None) -> str:
+    return "(none)" if path is None else "stdout" if path == STDOUT else str(path)
 
 
 def _generate(llm: Any, todo: list[Prepared], sig: StopSignals, progress: Progress

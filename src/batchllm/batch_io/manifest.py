@@ -5,6 +5,10 @@ the effective dtype, seed and max_model_len, and the error file. The cap for cha
 without max_tokens (`max_context`) is fixed by the first run and reused. Throughput settings
 (KV memory, block size, batch limits, policy, ...) may change between runs; each run is logged.
 The manifest is replaced atomically (write a temporary file, fsync, rename).
+
+The input and error file paths are stored relative to the output's folder, so a job folder
+moved or copied elsewhere resumes; the model path is stored as given (its fingerprint, not its
+path, is compared).
 """
 
 from __future__ import annotations
@@ -99,8 +103,9 @@ class Manifest:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"cannot read the run manifest {path}: {e}") from e
 
-    def mismatches(self, other: Manifest) -> list[str]:
-        """Why `other` (this run) may not resume the job this manifest describes."""
+    def mismatches(self, other: Manifest, base: str | Path = ".") -> list[str]:
+        """Why `other` (this run) may not resume the job this manifest describes; relative paths
+        are taken from `base` (the output's folder)."""
         out = []
         if other.input_sha256 != self.input_sha256:
             out.append(f"the input file differs (sha256 {other.input_sha256[:12]}… now, "
@@ -111,6 +116,6 @@ class Manifest:
         for key in RESULT_SETTINGS:
             if key in self.settings and key in other.settings and self.settings[key] != other.settings[key]:
                 out.append(f"{key} differs ({other.settings[key]!r} now, {self.settings[key]!r} before)")
-        if Path(other.error_file).resolve() != Path(self.error_file).resolve():
+        if (Path(base) / other.error_file).resolve() != (Path(base) / self.error_file).resolve():
             out.append(f"the error file differs ({other.error_file} now, {self.error_file} before)")
         return out

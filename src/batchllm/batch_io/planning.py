@@ -71,7 +71,7 @@ def plan_file(path: str | Path, cfg: EngineConfig) -> PlanReport:
     limits = limits_of_config(cfg)
     with paused_gc():
         parsed = parse_file(path)
-        prepared, bad = prepare(parsed.requests, Tokenizer(cfg.model), limits, None)
+        prepared, bad = prepare(parsed.requests, Tokenizer(cfg.tokenizer or cfg.model), limits, None)
         return _report(parsed, prepared, sorted(parsed.errors + bad, key=lambda e: e.line), cfg, limits, t0)
 
 

@@ -74,7 +74,7 @@ def prepare(requests: Sequence[BatchRequest], tokenizer: Tokenizer, limits: Limi
     for r in requests:
         if r.endpoint == "chat":
             try:
-                text = tokenizer.apply_chat_template(list(r.messages))
+                text = tokenizer.apply_chat_template(list(r.messages), **r.template_options)
             except Exception as e:  # template errors (raise_exception, bad roles) and no template
                 errors.append(ErrorRecord(r.line, r.custom_id, f"line {r.line}: the chat template failed: {e}",
                                           "invalid_messages", "messages"))

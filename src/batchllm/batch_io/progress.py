@@ -22,13 +22,15 @@ def log(msg: str, stream: TextIO | None = None) -> None:
 
 
 class Progress:
-    """Requests done/total, input and output tokens per second, prefix saving so far.
+    """Requests done/total, prefill and output tokens per second, prefix saving so far, ETA.
 
     A tqdm bar when `stream` is a terminal, else a log line every `log_interval` seconds.
-    `tick` is cheap and may be called every engine step. "in" counts the prompt tokens of
-    finished requests; "out" the tokens decoded so far; "prefix saving" is the share of
-    finished requests' prompt tokens served from a shared prefix (their `cached_tokens`). The
-    final report's saving (1 - computed/logical prefill) also charges each prefix once.
+    `tick` is cheap and may be called every engine step. "prefill" counts the prompt tokens
+    computed so far (prefill in progress included); "out" the tokens decoded so far; "prefix
+    saving" is the share of finished requests' prompt tokens reused from computation for another
+    request (their `cached_tokens`; "n/a" until one finishes). The final report's saving
+    (1 - computed/logical prefill) also charges each prefix once. The ETA extrapolates this run's
+    requests per second ("n/a" until one finishes).
     """
 
     def __init__(self, total: int, done_before: int, stream: TextIO | None = None, tty: bool | None = None,
@@ -36,6 +38,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
         self.total, self.done = total, done_before
+        self.done_before = done_before
         self.start = time.monotonic()
         self.prompt_tokens = self.cached_tokens = 0
         self.out_tokens = 0
@@ -66,19 +69,28 @@ class Progress:
         else:
             pct = 100.0 * self.done / self.total if self.total else 100.0
             log(f"{self.done}/{self.total} requests ({pct:.1f}%) | {self._rates(now)} | "
-                f"elapsed {now - self.start:.0f} s", self.stream)
+                f"elapsed {now - self.start:.0f} s, ETA {self._eta(now)}", self.stream)
+
+    def _eta(self, now: float) -> str:
+        """Time left at this run's request rate so far, "n/a" before the first request finishes."""
+        finished = self.done - self.done_before
+        if finished <= 0:
+            return "n/a"
+        left = (self.total - self.done) * (now - self.start) / finished
+        return f"{left:.0f} s" if left < 120 else f"{left / 60:.0f} min"
 
     def _rates(self, now: float) -> str:
         s = self._stats
-        out = 0
-        if s is not None:  # decode tokens processed so far, finished requests or not
+        out = prefill = 0
+        if s is not None:  # tokens processed so far, finished requests or not
             new = s.tokens_per_step[self._steps_seen:]
             self._steps_seen += len(new)
             self._tokens_processed += sum(new)
-            out = max(s.output_tokens, self._tokens_processed - s.computed_prefill_tokens)
+            prefill = s.computed_prefill_tokens
+            out = max(s.output_tokens, self._tokens_processed - prefill)
         t = max(now - self.start, 1e-9)
-        saving = self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
-        return f"in {self.prompt_tokens / t:,.0f} tok/s, out {out / t:,.0f} tok/s, prefix saving {saving:.1%}"
+        saving = f"{self.cached_tokens / self.prompt_tokens:.1%}" if self.prompt_tokens else "n/a"
+        return f"prefill {prefill / t:,.0f} tok/s, out {out / t:,.0f} tok/s, prefix saving {saving}"
 
     def close(self) -> None:
         if self.bar is not None:
@@ -121,7 +133,11 @@ class Report:
         lines.append(f"  requests    {self.requests_in_file} in file: {self.ok} ok ({self.ok_this_run} this run, "
                      f"{self.ok_before} before), {self.failed} failed, {self.remaining} not run yet")
         s = self.run
-        if s is not None:
+        if s is not None and s.steps == 0:  # nothing ran: no saving, throughput or KV use to speak of
+            lines.append(f"  prompt      {s.logical_prefill_tokens:,} tokens logical, none computed (prefix saving n/a)")
+            lines.append("  throughput  n/a (no engine step ran)")
+            lines.append("  KV cache    peak n/a")
+        elif s is not None:
             if self.ok_before:
                 lines.append("  (tokens, time and KV below are for this run)")
             if self.status != "complete":

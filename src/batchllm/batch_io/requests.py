@@ -60,6 +60,8 @@ _NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "web_search_options": lambda v: False,
     "verbosity": lambda v: False,
 }
+# Chat only: how the conversation is rendered (vLLM's server fields).
+_CHAT_TEMPLATE = ("chat_template_kwargs", "add_generation_prompt", "continue_final_message")
 _COMPLETIONS_ONLY: dict[str, Callable[[Any], bool]] = {
     "echo": lambda v: v is False,
     "suffix": lambda v: v == "",
@@ -77,6 +79,9 @@ class BatchRequest:
     prompts: tuple[str | tuple[int, ...], ...] = ()
     messages: tuple[dict[str, Any], ...] = ()
     max_tokens_given: bool = True  # False: chat without max_tokens (capped later, see prepare)
+    # chat: keyword arguments of `Tokenizer.apply_chat_template` (add_generation_prompt,
+    # continue_final_message, and the body's chat_template_kwargs)
+    template_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,31 @@ def _prompts(value: Any, where: str) -> tuple[str | tuple[int, ...], ...]:
                     f"token-id lists, got {json.dumps(value)[:80]}", where)
 
 
+def _template_options(body: dict[str, Any], where: str) -> dict[str, Any]:
+    """Chat template options a vLLM server takes in the body: add_generation_prompt,
+    continue_final_message (booleans) and chat_template_kwargs (an object passed to the template)."""
+    opts: dict[str, Any] = {}
+    for key in ("add_generation_prompt", "continue_final_message"):
+        if body.get(key) is not None:
+            if not isinstance(body[key], bool):
+                raise LineError(f"{where}{key} must be true or false", where + key)
+            opts[key] = body[key]
+    if opts.get("continue_final_message") and opts.get("add_generation_prompt", True):
+        raise LineError(f"{where}continue_final_message needs add_generation_prompt=false",
+                        where + "continue_final_message")
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None:
+        if not isinstance(kwargs, dict):
+            raise LineError(f"{where}chat_template_kwargs must be an object", where + "chat_template_kwargs")
+        reserved = sorted({"messages", "add_generation_prompt", "bos_token", "eos_token", "chat_template",
+                           "continue_final_message"} & set(kwargs))
+        if reserved:
+            raise LineError(f"{where}chat_template_kwargs may not set {', '.join(reserved)}",
+                            where + "chat_template_kwargs")
+        opts.update(kwargs)
+    return opts
+
+
 def _messages(value: Any, where: str) -> tuple[dict[str, Any], ...]:
     """Chat messages with text content; content-part lists are joined with newlines (as vLLM)."""
     if not isinstance(value, list) or not value:
@@ -175,7 +205,8 @@ def _messages(value: Any, where: str) -> tuple[dict[str, Any], ...]:
 def _check_fields(body: dict[str, Any], endpoint: Endpoint, where: str) -> None:
     """Refuse unknown fields, and known ones batchllm cannot honour unless they are neutral."""
     known = {*_SAMPLING, *_IGNORED, *_NEUTRAL, "max_tokens", "max_completion_tokens", "logprobs"}
-    known |= {"prompt", "best_of", *_COMPLETIONS_ONLY} if endpoint == "completions" else {"messages", "top_logprobs"}
+    known |= {"prompt", "best_of", *_COMPLETIONS_ONLY} if endpoint == "completions" else {
+        "messages", "top_logprobs", *_CHAT_TEMPLATE}
     for key in body:
         if key not in known:
             raise LineError(f"unrecognized request argument supplied: {where}{key}", where + key)
@@ -283,7 +314,7 @@ def parse_object(obj: Any, line: int) -> BatchRequest:
     if endpoint == "completions":
         return BatchRequest(line, cid, endpoint, params, prompts=_prompts(body["prompt"], where + "prompt"))
     return BatchRequest(line, cid, endpoint, params, messages=_messages(body["messages"], where + "messages"),
-                        max_tokens_given=given)
+                        max_tokens_given=given, template_options=_template_options(body, where))
 
 
 def _custom_id_of(obj: Any, line: int) -> str | None:

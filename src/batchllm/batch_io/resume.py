@@ -5,6 +5,7 @@ All of this runs before the model is loaded, so refusals (exit code 2) are immed
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -19,7 +20,7 @@ from .requests import ParsedFile, parse_file
 from .writer import CorruptFileError, recover
 
 THROUGHPUT_SETTINGS = ("block_size", "kv_cache_memory", "num_kv_blocks", "max_num_batched_tokens",
-                       "max_num_seqs", "policy", "attention", "device")
+                       "max_num_seqs", "policy", "attention", "device", "gpu_memory_utilization")
 
 
 class UsageError(Exception):
@@ -32,13 +33,20 @@ def sibling(out: Path, suffix: str) -> Path:
     return out.with_name(stem + suffix)
 
 
+STDOUT = Path("-")  # `-o -`: results (and, without --error-file, error records) go to stdout
+
+
 @dataclass
 class JobFiles:
     input: Path
-    output: Path
-    errors: Path
-    manifest: Path
+    output: Path  # STDOUT for `-o -`
+    errors: Path  # STDOUT when the output is and no error file is given
+    manifest: Path | None  # None when the output is stdout: such a job cannot be resumed
     stats_json: Path | None = None
+
+    @property
+    def to_stdout(self) -> bool:
+        return self.output == STDOUT
 
 
 @dataclass
@@ -62,7 +70,10 @@ def _check_paths(f: JobFiles, resume: bool, overwrite: bool) -> list[Path]:
     """Refuse unusable paths; return the job's files that exist (OUT, error file, manifest)."""
     if not f.input.is_file():
         raise UsageError(f"input file {str(f.input)!r} does not exist")
-    paths = {"output": f.output, "error file": f.errors, "manifest": f.manifest}
+    if f.to_stdout and resume:
+        raise UsageError("--resume needs a results file: with -o - the results went to stdout")
+    paths = {name: p for name, p in (("output", f.output), ("error file", f.errors), ("manifest", f.manifest))
+             if p is not None and p != STDOUT}
     for name, p in paths.items():
         if p.resolve() == f.input.resolve():
             raise UsageError(f"the {name} path {str(p)!r} is the input file")
@@ -72,7 +83,7 @@ def _check_paths(f: JobFiles, resume: bool, overwrite: bool) -> list[Path]:
             raise UsageError(f"the folder of the {name} path {str(p)!r} does not exist")
     if f.stats_json is not None and not f.stats_json.parent.is_dir():
         raise UsageError(f"the folder of --stats-json {str(f.stats_json)!r} does not exist")
-    if f.output.resolve() == f.errors.resolve():
+    if not f.to_stdout and f.output.resolve() == f.errors.resolve():
         raise UsageError("the output and the error file must differ")
     if resume and overwrite:
         raise UsageError("give --resume or --overwrite, not both")
@@ -104,11 +115,12 @@ def open_job(f: JobFiles, model: str, engine_kwargs: dict[str, Any], resume: boo
         raise UsageError(str(e)) from e
     with paused_gc():
         parsed = parse_file(f.input)
+    base = f.output.resolve().parent
     this = Manifest(
-        input_path=str(f.input.resolve()), input_sha256=parsed.sha256,
+        input_path=os.path.relpath(f.input.resolve(), base), input_sha256=parsed.sha256,
         model_path=str(Path(model).resolve()), model_fingerprint=model_fingerprint(model),
         settings={"dtype": limits.dtype, "seed": cfg.seed, "max_model_len": limits.max_model_len},
-        engine={k: getattr(cfg, k) for k in THROUGHPUT_SETTINGS}, error_file=str(f.errors.resolve()))
+        engine={k: getattr(cfg, k) for k in THROUGHPUT_SETTINGS}, error_file=os.path.relpath(f.errors.resolve(), base))
     if existing and overwrite:
         for p in existing:
             p.unlink()
@@ -117,14 +129,14 @@ def open_job(f: JobFiles, model: str, engine_kwargs: dict[str, Any], resume: boo
         raise UsageError(f"{', '.join(map(str, existing))} already exist(s); pass --resume to continue that job "
                          f"or --overwrite to start over")
     elif existing:
-        if not f.manifest.exists():
+        if f.manifest is None or not f.manifest.exists():
             raise UsageError(f"cannot resume: {f.manifest} (the run manifest) is missing, so the input and model "
                              f"of the earlier run cannot be checked; use --overwrite to start over")
         try:
             old = Manifest.load(f.manifest)
         except ValueError as e:
             raise UsageError(str(e)) from e
-        problems = old.mismatches(this)
+        problems = old.mismatches(this, base)
         if problems:
             raise UsageError("cannot resume: " + "; ".join(problems) + ". Resume with the original input, model "
                              "and settings, or use --overwrite (or another -o) to start a new job")

@@ -10,7 +10,7 @@ import hashlib
 import time
 from typing import Any
 
-from batchllm.outputs import CompletionOutput, RequestOutput
+from batchllm.outputs import CompletionOutput, Logprob, RequestOutput
 from batchllm.tokenizer import Tokenizer
 
 from .requests import BatchRequest, ErrorRecord
@@ -59,7 +59,8 @@ class RecordMaker:
                     choice["logprobs"] = self._chat_logprobs(c, logprobs) if logprobs is not None else None
                 else:
                     choice["text"] = c.text
-                    choice["logprobs"] = self._completion_logprobs(c) if logprobs is not None else None
+                    choice["logprobs"] = (self._completion_logprobs(c, req.params.skip_special_tokens)
+                                          if logprobs is not None else None)
                 choice["finish_reason"] = c.finish_reason
                 choice["stop_reason"] = c.stop_reason
                 choices.append(choice)
@@ -82,29 +83,43 @@ class RecordMaker:
         t = self._token_text.get(token)
         if t is None:
             assert self.tok is not None
-            t = self._token_text[token] = self.tok.decode([token], skip_special_tokens=False)
+            t = self._token_text[token] = self.tok.token_text(token)
         return t
 
-    def _completion_logprobs(self, c: CompletionOutput) -> dict[str, Any]:
-        """/v1/completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+    def _completion_logprobs(self, c: CompletionOutput, skip_special_tokens: bool) -> dict[str, Any]:
+        """/v1/completions logprobs: tokens, token_logprobs, top_logprobs, text_offset. `tokens`
+        join to the choice's text (a split character is carried by the token completing it) and
+        `text_offset` is where each starts in it; a stop string cut from the text is cut from
+        the tokens too."""
+        assert self.tok is not None
+        steps = (c.logprobs or [])[:len(c.token_ids)]
+        pieces = self.tok.token_pieces(c.token_ids[:len(steps)], skip_special_tokens)
         tokens, token_lps, tops, offsets = [], [], [], []
         offset = 0
-        for tid, d in zip(c.token_ids, c.logprobs or [], strict=False):
-            s = self._text(tid)
-            tokens.append(s)
-            token_lps.append(d.get(tid))
-            tops.append({self._text(t): lp for t, lp in sorted(d.items(), key=lambda kv: -kv[1])})
+        for tid, d, piece in zip(c.token_ids, steps, pieces):
+            piece = piece[:max(0, len(c.text) - offset)]
+            tokens.append(piece)
+            token_lps.append(_value(d.get(tid)))
+            tops.append({self._text(t): _value(lp) for t, lp in sorted(d.items(), key=lambda kv: -_value(kv[1]))})
             offsets.append(offset)
-            offset += len(s)
+            offset += len(piece)
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
     def _chat_logprobs(self, c: CompletionOutput, top: int) -> dict[str, Any]:
-        """/v1/chat/completions logprobs: content = [{token, logprob, bytes, top_logprobs}]."""
+        """/v1/chat/completions logprobs: content = [{token, logprob, bytes, top_logprobs}]; `bytes`
+        are each token's raw bytes (a split character's bytes over its tokens), `token` its text,
+        or "bytes:\\xNN..." where its bytes are not whole characters."""
+        assert self.tok is not None
         content = []
         for tid, d in zip(c.token_ids, c.logprobs or [], strict=False):
-            s = self._text(tid)
-            best = sorted(d.items(), key=lambda kv: -kv[1])[:top]
-            content.append({"token": s, "logprob": d.get(tid), "bytes": list(s.encode()),
-                            "top_logprobs": [{"token": self._text(t), "logprob": lp,
-                                              "bytes": list(self._text(t).encode())} for t, lp in best]})
+            best = sorted(d.items(), key=lambda kv: -_value(kv[1]))[:top]
+            content.append({"token": self._text(tid), "logprob": _value(d.get(tid)),
+                            "bytes": list(self.tok.token_bytes(tid)),
+                            "top_logprobs": [{"token": self._text(t), "logprob": _value(lp),
+                                              "bytes": list(self.tok.token_bytes(t))} for t, lp in best]})
         return {"content": content, "refusal": None}
+
+
+def _value(lp: Logprob | float | None) -> float | None:
+    """A log-probability as a float (engine outputs hold Logprob objects)."""
+    return lp.logprob if isinstance(lp, Logprob) else lp

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,30 @@ class JsonlWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class StdoutWriter:
+    """`JsonlWriter`'s interface on standard output (`-o -`): one line per record, flushed at once."""
+
+    def __init__(self) -> None:
+        self.path = Path("-")
+        self.lines_written = 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+        sys.stdout.flush()
+        self.lines_written += 1
+
+    def sync(self) -> None:
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        self.sync()
+
+
+def open_writer(path: Path) -> JsonlWriter | StdoutWriter:
+    """A writer for `path`; "-" is standard output."""
+    return StdoutWriter() if str(path) == "-" else JsonlWriter(path)
 
 
 class CorruptFileError(ValueError):

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 
 from batchllm.kernels.cpu import CpuKernels
+from batchllm.outputs import Logprob
 from batchllm.sequence import Sequence
 
 
 @dataclass
 class SampleResult:
-    """Per row: the chosen token, its logprob (None unless asked) and the top logprobs dict."""
+    """Per row: the chosen token, its logprob (None unless asked) and the step's Logprobs (the
+    top-k tokens and the chosen one, with ranks; `decoded_token` is filled by `LLM`)."""
 
     token_ids: list[int]
     logprobs: list[float | None]
-    top_logprobs: list[dict[int, float] | None]
+    top_logprobs: list[dict[int, Logprob] | None]
 
 
 class Sampler:
@@ -30,6 +33,8 @@ class Sampler:
 
     def __init__(self, kernels: CpuKernels | None = None) -> None:
         self.kernels = kernels
+        # seq_id -> time.time() when its first token was sampled (read and cleared by `LLM`).
+        self.first_token_time: dict[int, float] = {}
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: list[int] | None = None) -> SampleResult:
         b = logits.shape[0]
@@ -50,19 +55,29 @@ class Sampler:
                 race[j].exponential_(generator=seqs[i].generator)
             tokens[rows] = (probs / race).argmax(dim=-1)
         token_list = tokens.tolist()
+        now = time.time()
+        for s in seqs:
+            if s.num_output_tokens == 0:
+                self.first_token_time[s.seq_id] = now
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         lps: list[float | None] = [None] * b
-        tops: list[dict[int, float] | None] = [None] * b
+        tops: list[dict[int, Logprob] | None] = [None] * b
         if want:
             logp = torch.log_softmax(logits[want].float(), dim=-1)
             k = max(seqs[i].params.logprobs for i in want)
             top_v, top_i = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], logp[:, :0].long())
+            chosen = torch.tensor([token_list[i] for i in want])
+            chosen_lp = logp.gather(1, chosen[:, None])
+            # NOTE: rank 1 + the number of strictly more likely tokens (ties share a rank).
+            chosen_rank = (logp > chosen_lp).sum(dim=-1) + 1
             for j, i in enumerate(want):
                 t = token_list[i]
                 kk = seqs[i].params.logprobs
-                d = dict(zip(top_i[j, :kk].tolist(), top_v[j, :kk].tolist()))
-                d[t] = float(logp[j, t])
-                lps[i], tops[i] = d[t], d
+                d = {tid: Logprob(lp, r + 1) for r, (tid, lp)
+                     in enumerate(zip(top_i[j, :kk].tolist(), top_v[j, :kk].tolist()))}
+                if t not in d:
+                    d[t] = Logprob(float(chosen_lp[j, 0]), int(chosen_rank[j]))
+                lps[i], tops[i] = d[t].logprob, d
         return SampleResult(token_list, lps, tops)
 
     @staticmethod
