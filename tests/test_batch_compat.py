@@ -14,12 +14,12 @@ import pytest
 from batchllm.batch_io.progress import Progress, Report
 from batchllm.batch_io.requests import parse_object
 from batchllm.batch_io.schema import RecordMaker
-from batchllm.cli import main
 from batchllm.outputs import CompletionOutput, Logprob, RequestOutput, RunStats
 from batchllm.testing import make_tiny_model
 from batchllm.tokenizer import Tokenizer
 
-ENGINE = ["--kv-cache-memory", "16MiB"]
+from batch_files import ENGINE, cli, openai
+
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +27,6 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("m") / "test", shape="test", tie_word_embeddings=False)
 
 
-def cli(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def openai(cid: str, body: dict[str, Any], chat: bool = False) -> dict[str, Any]:
-    return {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions" if chat else "/v1/completions",
-            "body": body}
 
 
 def write(path: Path, lines: list[Any]) -> Path:
