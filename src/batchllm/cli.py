@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "refusal, 130 interrupted (resume with --resume).")
     rb.add_argument("-i", "--input", required=True, type=Path, metavar="IN.jsonl")
     rb.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.jsonl")
-    rb.add_argument("--model", required=True, metavar="PATH", help="local Hugging Face model folder")
+    rb.add_argument("--model", required=True, metavar="PATH", help="local Hugging Face model folder or GGUF file")
     rb.add_argument("--error-file", type=Path, metavar="PATH", help="error records (default OUT.errors.jsonl)")
     mode = rb.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true",
@@ -148,8 +148,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from batchllm.batch_io.demo import run_demo
     from batchllm.config import cache_dir
 
-    if args.model and not Path(args.model).is_dir():
-        return _usage(f"model folder {args.model!r} does not exist", "demo")
+    if args.model and not Path(args.model).exists():
+        return _usage(f"model {args.model!r} does not exist", "demo")
     return run_demo(args.out_dir or cache_dir() / "demo", args.model, args.shape)
 
 

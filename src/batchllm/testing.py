@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-__all__ = ["ARCHS", "SHAPES", "SPECIAL_TOKENS", "make_tiny_model"]
+__all__ = ["ARCHS", "SHAPES", "SPECIAL_TOKENS", "make_tiny_model", "write_gguf"]
 
 ARCHS: dict[str, tuple[str, str]] = {
     "llama": ("LlamaForCausalLM", "llama"),
@@ -257,4 +257,84 @@ def make_tiny_model(path: str | Path, arch: str = "llama", shape: str = "tiny", 
     _write_tokenizer(out, cfg, arch, seed, chat_template_file)
     gen = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, IM_END_ID], "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return out
+
+
+# our arch -> (llama.cpp architecture, tokenizer.ggml.pre naming the tiny tokenizer's split)
+_GGUF_ARCHS = {"llama": ("llama", "gpt-2"), "mistral": ("llama", "gpt-2"), "qwen2": ("qwen2", "qwen2"),
+               "qwen3": ("qwen3", "qwen2")}
+_GGUF_TENSOR_NAMES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def write_gguf(folder: str | Path, out: str | Path, quant: str = "F32") -> Path:
+    """Write the tiny model folder `folder` (from `make_tiny_model`) as a GGUF file, the way
+    llama.cpp's converter lays it out: llama.cpp tensor names and metadata keys, q/k rows of the
+    `llama` architecture interleaved per head, the byte-level tokenizer as vocabulary + merges.
+    `quant`: "F32", "F16" or a type `gguf.quants.quantize` writes (e.g. "Q8_0") for the matrices
+    (norms and 1-D tensors stay F32, as llama.cpp keeps them)."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    folder, out = Path(folder), Path(out)
+    cfg = json.loads((folder / "config.json").read_text())
+    arch = next(a for a, (name, _) in ARCHS.items() if name in cfg["architectures"])
+    gguf_arch, pre = _GGUF_ARCHS[arch]
+    w = gguf.GGUFWriter(str(out), gguf_arch)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_key_length(cfg["head_dim"])
+    w.add_value_length(cfg["head_dim"])
+    w.add_rope_dimension_count(cfg["head_dim"])
+    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_vocab_size(cfg["vocab_size"])
+    qtype = gguf.GGMLQuantizationType[quant]
+    w.add_file_type({"F32": 0, "F16": 1}.get(quant, 7))
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in vocab] + [f"[PAD{i}]" for i in range(len(vocab), cfg["vocab_size"])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types([3 if i < len(SPECIAL_TOKENS) else 1 if i < len(vocab) else 5 for i in range(len(tokens))])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+    w.add_bos_token_id(BOS_ID)
+    w.add_eos_token_id(EOS_ID)
+    w.add_add_bos_token(arch in ("llama", "mistral"))
+    w.add_chat_template(json.loads((folder / "tokenizer_config.json").read_text())["chat_template"])
+    weights = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        weights.update(load_file(str(f)))
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    for name, t in weights.items():
+        t = t.astype(np.float32)
+        stem, kind = name.removeprefix("model.").rsplit(".", 1)
+        if stem.startswith("layers."):
+            _, i, rest = stem.split(".", 2)
+            if gguf_arch == "llama" and rest in ("self_attn.q_proj", "self_attn.k_proj"):
+                n = heads if rest.endswith("q_proj") else kv_heads
+                t = t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+            gname = f"blk.{i}.{_GGUF_TENSOR_NAMES[rest]}.{kind}"
+        else:
+            gname = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output"}[stem] + f".{kind}"
+        if t.ndim == 1 or quant == "F32":
+            w.add_tensor(gname, np.ascontiguousarray(t))
+        elif quant == "F16":
+            w.add_tensor(gname, t.astype(np.float16))
+        else:
+            w.add_tensor(gname, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     return out

@@ -1,13 +1,15 @@
-"""Read a Hugging Face model folder: config.json and safetensors weights (one file or sharded)."""
+"""Load a model's weights: a Hugging Face folder's safetensors (one file or sharded) or a GGUF file."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from batchllm.models import gguf_file
 from batchllm.models.config import ModelConfig
 from batchllm.models.folder import ModelFolderError, weight_files
 from batchllm.models.llama import CausalLM, Rotary
@@ -27,6 +29,20 @@ def _hf_to_ours(name: str) -> tuple[str, int | None]:
     return name, None
 
 
+def _checkpoint_tensors(path: Path, wanted: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, tensor) for the checkpoint tensors whose parameter is in `wanted`."""
+    if gguf_file.is_gguf(path):
+        for key, tensor in gguf_file.tensors(path):
+            if _hf_to_ours(key)[0] in wanted:
+                yield key, tensor
+        return
+    for file in weight_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if _hf_to_ours(key)[0] in wanted:
+                    yield key, f.get_tensor(key)
+
+
 def load_model(path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device,
                max_positions: int, pack_weights: bool = False) -> CausalLM:
     """Build the model on `device` in `dtype` with the folder's weights; every parameter must be
@@ -38,12 +54,9 @@ def load_model(path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: t
     if cfg.tie_word_embeddings:
         wanted.pop("lm_head.weight", None)
     parts: dict[str, dict[int | None, torch.Tensor]] = {}
-    for file in weight_files(path):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                ours, part = _hf_to_ours(key)
-                if ours in wanted:
-                    parts.setdefault(ours, {})[part] = f.get_tensor(key)
+    for key, tensor in _checkpoint_tensors(path, set(wanted)):
+        ours, part = _hf_to_ours(key)
+        parts.setdefault(ours, {})[part] = tensor.to(dtype)
     state, missing = {}, []
     for name, param in wanted.items():
         got = parts.get(name, {})
