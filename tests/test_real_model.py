@@ -71,3 +71,21 @@ def test_real_model_greedy_matches_transformers(llm: LLM, gguf: Path, hf_tokeniz
         expected = r[0, len(ids):].tolist()
         assert list(out.outputs[0].token_ids) == expected, (conv, out.outputs[0].text)
     assert "Paris" in outs[0].outputs[0].text
+
+
+def test_demo_answers_real_questions_with_shared_prefixes(gguf: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """`batchllm demo` with the cached model: every good request answered (stopping at EOS),
+    the shared texts computed once, some answers printed."""
+    import json
+
+    from batchllm.cli import main
+    assert main(["demo", "--out-dir", str(tmp_path)]) == 0
+    stdout = capsys.readouterr().out
+    for words in ("SmolLM2-135M-Instruct", "20 ok", "2 failed", "prefix saving", "Some answers:", "Paris"):
+        assert words in stdout, words
+    records = [json.loads(r) for r in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 20
+    assert any(r["response"]["body"]["choices"][0]["finish_reason"] == "stop" for r in records)
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["status"] == "complete"
