@@ -75,7 +75,11 @@ def test_folder_layout_and_names(tmp_path: Path, arch: str) -> None:
     tensors = _all_tensors(path)
     hd = cfg["head_dim"]
     assert tensors["model.embed_tokens.weight"].shape == (1024, 64)
-    assert tensors["model.layers.1.self_attn.k_proj.weight"].shape == (2 * hd, 64)
+    if arch == "phi3":  # fused in the checkpoint: q (4 heads), k, v (2 KV heads each); gate, up
+        assert tensors["model.layers.1.self_attn.qkv_proj.weight"].shape == (8 * hd, 64)
+        assert tensors["model.layers.1.mlp.gate_up_proj.weight"].shape == (2 * cfg["intermediate_size"], 64)
+    else:
+        assert tensors["model.layers.1.self_attn.k_proj.weight"].shape == (2 * hd, 64)
     assert ("model.layers.0.self_attn.q_proj.bias" in tensors) == (arch == "qwen2")
     assert ("model.layers.0.self_attn.q_norm.weight" in tensors) == (arch == "qwen3")
     if arch == "qwen3":
@@ -87,7 +91,7 @@ def test_folder_layout_and_names(tmp_path: Path, arch: str) -> None:
     assert tok.get_vocab_size() <= cfg["vocab_size"]
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
     assert tok.decode(tok.encode(TEXTS[0]).ids) == TEXTS[0]
-    assert (tok.encode("hi").ids[0] == BOS_ID) == (arch in ("llama", "mistral"))
+    assert (tok.encode("hi").ids[0] == BOS_ID) == (arch in ("llama", "mistral", "phi3"))
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
@@ -110,7 +114,7 @@ def test_loads_in_transformers(tmp_path: Path, arch: str) -> None:
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
     rendered = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    bos = "<|begin_of_text|>" if arch in ("llama", "mistral") else ""
+    bos = "<|begin_of_text|>" if arch in ("llama", "mistral", "phi3") else ""
     assert rendered == (bos + "<|im_start|>system\nBe brief.<|im_end|>\n"
                         "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n")
     chat_ids = hf_tok.apply_chat_template(

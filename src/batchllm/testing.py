@@ -23,6 +23,7 @@ ARCHS: dict[str, tuple[str, str]] = {
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "mistral": ("MistralForCausalLM", "mistral"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "phi3": ("Phi3ForCausalLM", "phi3"),
 }
 
 SHAPES: dict[str, dict[str, int]] = {
@@ -124,8 +125,11 @@ def _build_config(arch: str, shape: str, dtype: str, overrides: dict[str, Any]) 
         cfg["attention_bias"] = arch == "qwen2"  # Qwen2 always has q/k/v biases
     if arch == "llama":
         cfg["mlp_bias"] = False
-    if arch == "mistral":
+    if arch in ("mistral", "phi3"):
         cfg["sliding_window"] = None
+    if arch == "phi3":
+        cfg.update(resid_pdrop=0.0, embd_pdrop=0.0, original_max_position_embeddings=cfg["max_position_embeddings"],
+                   partial_rotary_factor=1.0)
     if qwen:
         cfg.update(use_sliding_window=False, sliding_window=None)
     cfg.update(overrides)
@@ -147,7 +151,9 @@ def _weight_shapes(cfg: dict[str, Any], arch: str) -> dict[str, tuple[int, ...]]
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         shapes[p + "input_layernorm.weight"] = (h,)
-        for name, out in (("q", q), ("k", kv), ("v", kv)):
+        if arch == "phi3":  # Phi3 checkpoints hold q/k/v and gate/up fused
+            shapes[p + "self_attn.qkv_proj.weight"] = (q + 2 * kv, h)
+        for name, out in (("q", q), ("k", kv), ("v", kv)) if arch != "phi3" else ():
             shapes[p + f"self_attn.{name}_proj.weight"] = (out, h)
             if arch == "qwen2":
                 shapes[p + f"self_attn.{name}_proj.bias"] = (out,)
@@ -156,8 +162,11 @@ def _weight_shapes(cfg: dict[str, Any], arch: str) -> dict[str, tuple[int, ...]]
             shapes[p + "self_attn.q_norm.weight"] = (hd,)
             shapes[p + "self_attn.k_norm.weight"] = (hd,)
         shapes[p + "post_attention_layernorm.weight"] = (h,)
-        shapes[p + "mlp.gate_proj.weight"] = (inter, h)
-        shapes[p + "mlp.up_proj.weight"] = (inter, h)
+        if arch == "phi3":
+            shapes[p + "mlp.gate_up_proj.weight"] = (2 * inter, h)
+        else:
+            shapes[p + "mlp.gate_proj.weight"] = (inter, h)
+            shapes[p + "mlp.up_proj.weight"] = (inter, h)
         shapes[p + "mlp.down_proj.weight"] = (h, inter)
     shapes["model.norm.weight"] = (h,)
     if not cfg["tie_word_embeddings"]:
@@ -215,7 +224,7 @@ def _save_weights(path: Path, tensors: dict[str, torch.Tensor], max_shard_size: 
 
 def _write_tokenizer(path: Path, cfg: dict[str, Any], arch: str, seed: int, chat_template_file: bool) -> None:
     """tokenizer.json (+ BOS post-processor for llama/mistral) and tokenizer_config.json."""
-    add_bos = arch in ("llama", "mistral")
+    add_bos = arch in ("llama", "mistral", "phi3")
     tok = Tokenizer.from_str(_trained_tokenizer_json(cfg["vocab_size"], seed, arch.startswith("qwen")))
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(

@@ -1,4 +1,4 @@
-"""Llama / Mistral / Qwen2 / Qwen3 decoder over a flat token batch and a paged KV pool.
+"""Llama / Mistral / Qwen2 / Qwen3 / Phi3 decoder over a flat token batch and a paged KV pool.
 
 The four architectures differ only in a few switches of `ModelConfig` (q/k/v bias, q/k
 RMSNorm, rope scaling). q/k/v and gate/up projections are fused into one matmul each.
@@ -32,9 +32,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [tokens, heads, d] by the angles of its tokens: cos [tokens, 1, d] and `sin` with
-    its first half negated (`Rotary.tables`), so the rotated half needs no separate negation."""
-    half = x.shape[-1] // 2
+    """Rotate x [tokens, heads, d] by the angles of its tokens: cos [tokens, 1, r] and `sin` with
+    its first half negated (`Rotary.tables`), so the rotated half needs no separate negation.
+    With r < d (partial rotary) only the first r dims rotate; the rest pass through."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat([rotate(x[..., :r], cos, sin), x[..., r:]], dim=-1)
+    half = r // 2
     return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * sin
 
 
@@ -80,16 +84,29 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """cos/sin tables for every position up to `max_positions`, indexed per token."""
+    """cos/sin tables for every position up to `max_positions`, indexed per token.
+
+    A position's angles depend on the position alone (never on the sequence or the step), so a
+    shared prefix's keys are the same for every member of its group. longrope: positions below
+    `original_max_position_embeddings` rotate by the short factors, later ones by the long
+    factors (see "Long-context rope" in models/config.py). yarn and longrope scale cos and sin by their
+    attention factor, as transformers does."""
 
     def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
         super().__init__()
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), cfg.inv_freq())
+        inv, long_inv, switch, scaling = cfg.rope_parameters()
+        pos = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.outer(pos, inv)
+        if long_inv is not None:
+            freqs = torch.where(pos[:, None] < switch, freqs, torch.outer(pos, long_inv))
         emb = torch.cat([freqs, freqs], dim=-1)
         half = emb.shape[-1] // 2
-        self.register_buffer("cos", emb.cos(), persistent=False)
+        cos, sin = emb.cos(), emb.sin()
+        if scaling != 1.0:
+            cos, sin = cos * scaling, sin * scaling
+        self.register_buffer("cos", cos, persistent=False)
         # NOTE: sin with its first half negated, the sign `rotate` needs (exact: -a*b == a*-b).
-        self.register_buffer("sin", torch.cat([-emb[:, :half].sin(), emb[:, half:].sin()], dim=-1), persistent=False)
+        self.register_buffer("sin", torch.cat([-sin[:, :half], sin[:, half:]], dim=-1), persistent=False)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and (half-negated) sin of the step's positions, [tokens, 1, d], once per step."""

@@ -60,11 +60,12 @@ def load_model(path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: t
     state, missing = {}, []
     for name, param in wanted.items():
         got = parts.get(name, {})
-        n_parts = 3 if "qkv_proj" in name else 2 if "gate_up_proj" in name else 1
+        # q/k/v and gate/up come as parts, or fused already in the checkpoint (Phi3)
+        n_parts = 1 if None in got else 3 if "qkv_proj" in name else 2 if "gate_up_proj" in name else 1
         if len(got) != n_parts:
             missing.append(name)
             continue
-        t = torch.cat([got[i] for i in sorted(got)], dim=0) if n_parts > 1 else got[None]
+        t = got[None] if n_parts == 1 else torch.cat([got[i] for i in sorted(got)], dim=0)
         if t.shape != param.shape:
             raise ModelFolderError(f"{path}: weight {name} has shape {tuple(t.shape)}, expected {tuple(param.shape)}")
         state[name] = t.to(device=device, dtype=dtype)
