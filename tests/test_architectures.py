@@ -41,6 +41,8 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3-yarn": ("qwen3", {"rope_scaling": {**YARN, "beta_fast": 16, "attention_factor": 1.3},
                              "max_position_embeddings": 128}),
     "llama-longrope": ("llama", {"max_position_embeddings": 512, "rope_scaling": longrope(16, 256)}),
+    # dynamic NTK only departs from the default past max_position_embeddings, the engine's limit
+    "qwen2-dynamic": ("qwen2", {"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}, "max_position_embeddings": 96}),
 }
 # For the engine-only checks the switch is low, so sequences cross it.
 CROSSING = {"phi3-longrope": ("phi3", {"partial_rotary_factor": 0.5, "max_position_embeddings": 256,
@@ -63,12 +65,14 @@ def test_greedy_matches_transformers(name: str, model_factory: Callable[..., Pat
     path = model_factory(arch, **overrides)
     prompts = random_prompts(6, 5, 60, seed=11)
     llm = LLM(str(path), dtype="float32", num_kv_blocks=256)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(logprobs=3), use_tqdm=False)
+    # both stop at the model's EOS ids (a random model emits them now and then)
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, logprobs=3)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     for i, (p, out) in enumerate(zip(prompts, outs)):
         with torch.no_grad():
             r = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                            max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                            max_new_tokens=NEW_TOKENS, do_sample=False,
                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
         assert list(out.outputs[0].token_ids) == r.sequences[0, len(p):].tolist(), f"{name}: prompt {i}"
         for ours, logits in zip(out.outputs[0].logprobs, r.logits):

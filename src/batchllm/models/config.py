@@ -16,6 +16,8 @@ and a sequence's output does not depend on what it is batched with (transformers
 sequence in a batch moves every sequence of that batch to the long factors). Both sets use the
 same attention factor, sqrt(1 + ln(factor) / ln(omax)) with factor = max_position_embeddings /
 omax unless the config gives `factor` or `attention_factor`, as transformers computes it.
+`dynamic` (NTK) rope differs from the default only past max_position_embeddings, which the
+engine never reaches, so it runs as the default.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ if TYPE_CHECKING:
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # the dtypes a model and its KV pool run in
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM")
-ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "dynamic")
 
 
 @dataclass(frozen=True)
@@ -198,7 +200,9 @@ class ModelConfig:
         d = self.rotary_dim
         inv = 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
         s = self.rope_scaling
-        if s is None:
+        # dynamic NTK changes the base only for sequences longer than max_position_embeddings,
+        # the engine's limit: within it, it is the default rope (as transformers computes it)
+        if s is None or s["rope_type"] == "dynamic":
             return inv
         factor = float(s["factor"])
         if s["rope_type"] == "linear":
