@@ -43,6 +43,10 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama-longrope": ("llama", {"max_position_embeddings": 512, "rope_scaling": longrope(16, 256)}),
     # dynamic NTK only departs from the default past max_position_embeddings, the engine's limit
     "qwen2-dynamic": ("qwen2", {"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}, "max_position_embeddings": 96}),
+    # MoE: 4 experts, 2 per token; Mixtral always renormalises the top-k weights
+    "mixtral": ("mixtral", {}),
+    "qwen3-moe": ("qwen3_moe", {}),
+    "qwen3-moe-no-renorm-dense-layer0": ("qwen3_moe", {"norm_topk_prob": False, "mlp_only_layers": [0]}),
 }
 # For the engine-only checks the switch is low, so sequences cross it.
 CROSSING = {"phi3-longrope": ("phi3", {"partial_rotary_factor": 0.5, "max_position_embeddings": 256,
@@ -137,3 +141,49 @@ def test_yarn_and_longrope_change_the_model(model_factory: Callable[..., Path],
         plain = LLM(str(model_factory(arch, **plain_overrides)), dtype="float32", num_kv_blocks=64)
         assert token_ids(scaled.generate(prompts, greedy(), use_tqdm=False)) != \
             token_ids(plain.generate(prompts, greedy(), use_tqdm=False)), arch
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_moe_checkpoint_as_transformers_saves_it(arch: str, model_factory: Callable[..., Path], tmp_path: Path,
+                                                 random_prompts: Callable[..., list[list[int]]]) -> None:
+    """The Hub's per-expert matrices and transformers 5's stacked [experts, ...] tensors load alike."""
+    import transformers
+    path = model_factory(arch)
+    transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).save_pretrained(tmp_path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / f).write_bytes((path / f).read_bytes())
+    prompts = random_prompts(4, 5, 30, seed=9)
+    ours = [token_ids(LLM(str(p), dtype="float32", num_kv_blocks=64).generate(prompts, greedy(), use_tqdm=False))
+            for p in (path, tmp_path)]
+    assert ours[0] == ours[1]
+    assert LLM(str(path), dtype="float32", num_kv_blocks=8).engine.model_config.num_experts == 4
+
+
+def test_moe_routes_each_token_to_its_top_k(model_factory: Callable[..., Path]) -> None:
+    """The grouped computation equals a per-token sum over the token's k experts."""
+    import torch.nn.functional as F
+    llm = LLM(str(model_factory("qwen3_moe", norm_topk_prob=False)), dtype="float32", num_kv_blocks=8)
+    moe = llm.engine.runner.model.layers[0].mlp
+    x = torch.randn(37, 64, generator=torch.Generator().manual_seed(0))
+    experts, weights = moe.route(x)
+    assert experts.shape == (37, 2) and (weights.sum(-1) < 1).all()  # not renormalised
+    want = torch.zeros_like(x)
+    for t in range(37):
+        for e, w in zip(experts[t].tolist(), weights[t]):
+            gate, up = F.linear(x[t], moe.experts.gate_up_proj[e]).chunk(2)
+            want[t] += w * F.linear(F.silu(gate) * up, moe.experts.down_proj[e])
+    assert torch.allclose(moe(x), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "phi3"])
+def test_bf16_runs_with_the_cpu_kernels_and_packed_weights(arch: str, model_factory: Callable[..., Path],
+                                                           random_prompts: Callable[..., list[list[int]]]) -> None:
+    """bf16 takes the C norm/activation passes and packs the dense weights (experts stay plain);
+    its greedy tokens mostly agree with fp32 (random weights make near-ties, so not all)."""
+    path = model_factory(arch)
+    prompts = random_prompts(6, 5, 30, seed=13)
+    fp32 = token_ids(LLM(str(path), dtype="float32", num_kv_blocks=64).generate(prompts, greedy(), use_tqdm=False))
+    llm = LLM(str(path), dtype="bfloat16", num_kv_blocks=64)
+    bf16 = token_ids(llm.generate(prompts, greedy(), use_tqdm=False))
+    first = sum(a[0] == b[0] for a, b in zip(fp32, bf16))
+    assert first >= 4, (fp32, bf16)

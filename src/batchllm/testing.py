@@ -24,6 +24,8 @@ ARCHS: dict[str, tuple[str, str]] = {
     "mistral": ("MistralForCausalLM", "mistral"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
     "phi3": ("Phi3ForCausalLM", "phi3"),
+    "mixtral": ("MixtralForCausalLM", "mixtral"),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
 }
 
 SHAPES: dict[str, dict[str, int]] = {
@@ -121,12 +123,17 @@ def _build_config(arch: str, shape: str, dtype: str, overrides: dict[str, Any]) 
         initializer_range=0.02, attention_dropout=0.0, use_cache=True, torch_dtype=dtype, dtype=dtype,
         rope_scaling=None,
     )
-    if arch != "mistral":
+    if arch not in ("mistral", "mixtral"):
         cfg["attention_bias"] = arch == "qwen2"  # Qwen2 always has q/k/v biases
     if arch == "llama":
         cfg["mlp_bias"] = False
-    if arch in ("mistral", "phi3"):
+    if arch in ("mistral", "phi3", "mixtral"):
         cfg["sliding_window"] = None
+    if arch == "mixtral":  # 4 experts of the dense shape's width, 2 per token
+        cfg.update(num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.0, output_router_logits=False)
+    if arch == "qwen3_moe":  # 4 experts of half the dense width, 2 per token; every layer sparse
+        cfg.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=cfg["intermediate_size"] // 2,
+                   norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], output_router_logits=False)
     if arch == "phi3":
         cfg.update(resid_pdrop=0.0, embd_pdrop=0.0, original_max_position_embeddings=cfg["max_position_embeddings"],
                    partial_rotary_factor=1.0)
@@ -158,16 +165,28 @@ def _weight_shapes(cfg: dict[str, Any], arch: str) -> dict[str, tuple[int, ...]]
             if arch == "qwen2":
                 shapes[p + f"self_attn.{name}_proj.bias"] = (out,)
         shapes[p + "self_attn.o_proj.weight"] = (h, q)
-        if arch == "qwen3":
+        if arch in ("qwen3", "qwen3_moe"):
             shapes[p + "self_attn.q_norm.weight"] = (hd,)
             shapes[p + "self_attn.k_norm.weight"] = (hd,)
         shapes[p + "post_attention_layernorm.weight"] = (h,)
         if arch == "phi3":
             shapes[p + "mlp.gate_up_proj.weight"] = (2 * inter, h)
+        elif arch == "mixtral":  # as on the Hub: one w1 (gate), w3 (up), w2 (down) per expert
+            shapes[p + "block_sparse_moe.gate.weight"] = (cfg["num_local_experts"], h)
+            for e in range(cfg["num_local_experts"]):
+                for w, shape in (("w1", (inter, h)), ("w2", (h, inter)), ("w3", (inter, h))):
+                    shapes[p + f"block_sparse_moe.experts.{e}.{w}.weight"] = shape
+        elif arch == "qwen3_moe" and i not in cfg["mlp_only_layers"] and (i + 1) % cfg["decoder_sparse_step"] == 0:
+            m = cfg["moe_intermediate_size"]
+            shapes[p + "mlp.gate.weight"] = (cfg["num_experts"], h)
+            for e in range(cfg["num_experts"]):
+                for w, shape in (("gate_proj", (m, h)), ("up_proj", (m, h)), ("down_proj", (h, m))):
+                    shapes[p + f"mlp.experts.{e}.{w}.weight"] = shape
         else:
             shapes[p + "mlp.gate_proj.weight"] = (inter, h)
             shapes[p + "mlp.up_proj.weight"] = (inter, h)
-        shapes[p + "mlp.down_proj.weight"] = (h, inter)
+        if arch == "phi3" or not any(".experts." in k and k.startswith(p) for k in shapes):
+            shapes[p + "mlp.down_proj.weight"] = (h, inter)
     shapes["model.norm.weight"] = (h,)
     if not cfg["tie_word_embeddings"]:
         shapes["lm_head.weight"] = (cfg["vocab_size"], h)
@@ -224,7 +243,7 @@ def _save_weights(path: Path, tensors: dict[str, torch.Tensor], max_shard_size: 
 
 def _write_tokenizer(path: Path, cfg: dict[str, Any], arch: str, seed: int, chat_template_file: bool) -> None:
     """tokenizer.json (+ BOS post-processor for llama/mistral) and tokenizer_config.json."""
-    add_bos = arch in ("llama", "mistral", "phi3")
+    add_bos = arch in ("llama", "mistral", "phi3", "mixtral")
     tok = Tokenizer.from_str(_trained_tokenizer_json(cfg["vocab_size"], seed, arch.startswith("qwen")))
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     import torch
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # the dtypes a model and its KV pool run in
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM")
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
+                 "MixtralForCausalLM", "Qwen3MoeForCausalLM")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "dynamic")
 
 
@@ -56,6 +57,12 @@ class ModelConfig:
     dtype: str  # the checkpoint's dtype: "float32" | "bfloat16" | "float16"
     sliding_window: int | None = None
     partial_rotary_factor: float = 1.0  # Phi3: rope rotates the first head_dim * factor dims of a head
+    # Mixture of experts (models/moe.py); num_experts 0: dense
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    sparse_layers: tuple[int, ...] = ()  # the layers whose MLP is the experts
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -104,6 +111,7 @@ class ModelConfig:
             problems.append(f"dtype {dtype!r} is not supported")
         if problems:
             raise ValueError("bad config.json: " + "; ".join(problems))
+        moe = _moe_fields(arch, cfg)
         window = cfg.get("sliding_window")
         if arch.startswith("Qwen") and not cfg.get("use_sliding_window", False):
             window = None
@@ -122,12 +130,16 @@ class ModelConfig:
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             dtype=dtype,
             sliding_window=int(window) if window else None,
             partial_rotary_factor=partial,
+            **moe,
             extra=cfg,
         )
+
+    def is_sparse(self, layer: int) -> bool:
+        return layer in self.sparse_layers
 
     def kv_bytes_per_token(self, dtype: str) -> int:
         """Bytes of K and V one token takes across all layers, in `dtype` (a DTYPE_BYTES name)."""
@@ -215,3 +227,23 @@ class ModelConfig:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
         return torch.where(medium, smoothed, scaled)
+
+
+def _moe_fields(arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The MoE settings of a Mixtral or Qwen3-MoE config.json (none for dense architectures)."""
+    layers = int(cfg["num_hidden_layers"])
+    # transformers 5 writes either name for both architectures (an attribute alias)
+    experts = cfg.get("num_local_experts", cfg.get("num_experts"))
+    if arch == "MixtralForCausalLM":
+        return dict(num_experts=int(experts or 8), num_experts_per_tok=int(cfg.get("num_experts_per_tok", 2)),
+                    moe_intermediate_size=int(cfg["intermediate_size"]), norm_topk_prob=True,
+                    sparse_layers=tuple(range(layers)))
+    if arch == "Qwen3MoeForCausalLM":
+        experts, step = int(128 if experts is None else experts), int(cfg.get("decoder_sparse_step", 1))
+        dense = set(cfg.get("mlp_only_layers") or [])
+        return dict(num_experts=experts, num_experts_per_tok=int(cfg.get("num_experts_per_tok", 8)),
+                    moe_intermediate_size=int(cfg.get("moe_intermediate_size", 768)),
+                    norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+                    sparse_layers=tuple(i for i in range(layers)
+                                        if i not in dense and experts > 0 and (i + 1) % step == 0))
+    return {}

@@ -1,7 +1,9 @@
-"""Llama / Mistral / Qwen2 / Qwen3 / Phi3 decoder over a flat token batch and a paged KV pool.
+"""Llama / Mistral / Qwen2 / Qwen3 / Phi3 decoder (and Mixtral / Qwen3-MoE, whose MLPs are
+experts: models/moe.py) over a flat token batch and a paged KV pool.
 
-The four architectures differ only in a few switches of `ModelConfig` (q/k/v bias, q/k
-RMSNorm, rope scaling). q/k/v and gate/up projections are fused into one matmul each.
+The architectures differ only in a few switches of `ModelConfig` (q/k/v bias, q/k RMSNorm,
+rope scaling, partial rotary, experts). q/k/v and gate/up projections are fused into one
+matmul each.
 
 A layer is two pure functions around attention, `attention_inputs` (norm, q/k/v, rope) and
 `attention_output_and_mlp` (output projection, residuals, norm, MLP), over plain tensors.
@@ -22,6 +24,7 @@ from batchllm.attention.metadata import AttentionMetadata
 from batchllm.kernels.cpu import CpuKernels
 from batchllm.models.config import ModelConfig
 from batchllm.models.linear import can_pack, linear, pack
+from batchllm.models.moe import SparseMoE, attention_output_and_moe
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -134,12 +137,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp: MLP | SparseMoE = SparseMoE(cfg) if cfg.is_sparse(index) else MLP(cfg)
 
 
 class CausalLM(nn.Module):
@@ -149,7 +152,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -162,7 +165,8 @@ class CausalLM(nn.Module):
         (CPU bf16; see models/linear.py); returns how many were packed. The embedding keeps its
         own weight (a tied LM head gets a packed copy)."""
         mods = [self.lm_head] + [m for layer in self.layers for m in (
-            layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+            (layer.self_attn.qkv_proj, layer.self_attn.o_proj) + ((layer.mlp.gate_up_proj, layer.mlp.down_proj)
+                                                                   if isinstance(layer.mlp, MLP) else ()))]
         packed = 0
         for m in mods:
             if can_pack(m.weight):
@@ -191,6 +195,10 @@ class CausalLM(nn.Module):
             k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
             v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
             attn = backend.forward(q, k_cache, v_cache, prepared, at.scale).reshape(n, at.h * at.d)
+            if isinstance(layer.mlp, SparseMoE):
+                h = attention_output_and_moe(h, attn, at.o_proj.weight, layer.post_attention_layernorm.weight,
+                                             cfg.rms_norm_eps, layer.mlp, self.kernels)
+                continue
             h = attention_output_and_mlp(h, attn, at.o_proj.weight, layer.post_attention_layernorm.weight,
                                          cfg.rms_norm_eps, layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight,
                                          self.kernels)

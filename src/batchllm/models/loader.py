@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -17,9 +19,19 @@ from batchllm.models.llama import CausalLM, Rotary
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _hf_to_ours(name: str) -> tuple[str, int | None]:
-    """Map a checkpoint tensor name to (our parameter name, part index within a fused weight)."""
-    name = name.removeprefix("model.")
+_EXPERT = re.compile(r"\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w3|w2|gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT_PART = {"w1": ("gate_up_proj", 0), "gate_proj": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1),
+                "up_proj": ("gate_up_proj", 1), "w2": ("down_proj", 0), "down_proj": ("down_proj", 0)}
+
+
+def _hf_to_ours(name: str) -> tuple[str, Any]:
+    """Map a checkpoint tensor name to (our parameter name, part key within a fused weight):
+    an int for q/k/v and gate/up, (expert, part) for one expert's matrix, None for a whole tensor."""
+    name = name.removeprefix("model.").replace(".block_sparse_moe.gate.", ".mlp.gate.")
+    m = _EXPERT.search(name)
+    if m:
+        ours, part = _EXPERT_PART[m.group(2)]
+        return name[:m.start()] + f".mlp.experts.{ours}", (int(m.group(1)), part)
     for part, proj in enumerate(("q_proj", "k_proj", "v_proj")):
         if f".self_attn.{proj}." in name:
             return name.replace(proj, "qkv_proj"), part
@@ -27,6 +39,21 @@ def _hf_to_ours(name: str) -> tuple[str, int | None]:
         if f".mlp.{proj}." in name:
             return name.replace(proj, "gate_up_proj"), part
     return name, None
+
+
+def _assemble(name: str, got: dict[Any, torch.Tensor], experts: int) -> torch.Tensor | None:
+    """The parameter from its checkpoint parts; None when parts are missing."""
+    if None in got:  # whole in the checkpoint (fused q/k/v of Phi3, 3-D experts as transformers 5 saves them)
+        return got[None] if len(got) == 1 else None
+    if ".experts." in name:  # one [2I, H] or [H, I] matrix per expert, stacked
+        per = 2 if name.endswith("gate_up_proj") else 1
+        if len(got) != experts * per:
+            return None
+        return torch.stack([torch.cat([got[(e, j)] for j in range(per)], dim=0) for e in range(experts)])
+    n_parts = 3 if "qkv_proj" in name else 2 if "gate_up_proj" in name else 1
+    if len(got) != n_parts:
+        return None
+    return torch.cat([got[i] for i in sorted(got)], dim=0)
 
 
 def _checkpoint_tensors(path: Path, wanted: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -53,19 +80,16 @@ def load_model(path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: t
     wanted = dict(model.named_parameters())
     if cfg.tie_word_embeddings:
         wanted.pop("lm_head.weight", None)
-    parts: dict[str, dict[int | None, torch.Tensor]] = {}
+    parts: dict[str, dict[Any, torch.Tensor]] = {}
     for key, tensor in _checkpoint_tensors(path, set(wanted)):
         ours, part = _hf_to_ours(key)
         parts.setdefault(ours, {})[part] = tensor.to(dtype)
     state, missing = {}, []
     for name, param in wanted.items():
-        got = parts.get(name, {})
-        # q/k/v and gate/up come as parts, or fused already in the checkpoint (Phi3)
-        n_parts = 1 if None in got else 3 if "qkv_proj" in name else 2 if "gate_up_proj" in name else 1
-        if len(got) != n_parts:
+        t = _assemble(name, parts.get(name, {}), cfg.num_experts)
+        if t is None:
             missing.append(name)
             continue
-        t = got[None] if n_parts == 1 else torch.cat([got[i] for i in sorted(got)], dim=0)
         if t.shape != param.shape:
             raise ModelFolderError(f"{path}: weight {name} has shape {tuple(t.shape)}, expected {tuple(param.shape)}")
         state[name] = t.to(device=device, dtype=dtype)
