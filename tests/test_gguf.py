@@ -92,6 +92,20 @@ def test_f32_gguf_equals_its_folder(arch: str, gguf_factory: Callable[..., tuple
     assert stats.preemptions > 0 and stats.computed_prefill_tokens < stats.logical_prefill_tokens
 
 
+def test_llama3_rope_as_frequency_factors(gguf_factory: Callable[..., tuple[Path, Path]],
+                                          random_prompts: Callable[..., list[list[int]]]) -> None:
+    """Llama 3.1+ GGUFs hold the llama3 rope scaling as a `rope_freqs` tensor of divisors."""
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 64}
+    folder, gguf = gguf_factory("llama", rope_scaling=llama3)
+    cfg = read_config(gguf)
+    assert cfg.rope_scaling is None and cfg.rope_freq_factors is not None
+    assert torch.allclose(cfg.inv_freq(), read_config(folder).inv_freq(), rtol=1e-6)
+    prompts = random_prompts(6, 40, 70, seed=8)  # positions past 64, where the scaling bites
+    want = token_ids(LLM(str(folder), dtype="float32", num_kv_blocks=64).generate(prompts, greedy(), use_tqdm=False))
+    assert token_ids(LLM(str(gguf), dtype="float32", num_kv_blocks=64).generate(prompts, greedy(), use_tqdm=False)) == want
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_gguf_tokenizer_matches_transformers(arch: str, gguf_factory: Callable[..., tuple[Path, Path]]) -> None:
     import transformers

@@ -340,6 +340,12 @@ def write_gguf(folder: str | Path, out: str | Path, quant: str = "F32") -> Path:
     w.add_eos_token_id(EOS_ID)
     w.add_add_bos_token(arch in ("llama", "mistral"))
     w.add_chat_template(json.loads((folder / "tokenizer_config.json").read_text())["chat_template"])
+    rope = cfg.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type")) == "llama3":  # as llama.cpp: one divisor per frequency
+        from batchllm.models.config import ModelConfig
+        mc = ModelConfig.from_hf(cfg)
+        plain = ModelConfig.from_hf({**cfg, "rope_scaling": None, "rope_parameters": None})
+        w.add_tensor("rope_freqs.weight", (plain.inv_freq() / mc.inv_freq()).numpy().astype(np.float32))
     weights = {}
     for f in sorted(folder.glob("*.safetensors")):
         weights.update(load_file(str(f)))

@@ -63,6 +63,8 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
     sparse_layers: tuple[int, ...] = ()  # the layers whose MLP is the experts
+    # GGUF files of Llama 3.1+: rope frequency i is divided by factor i (models/gguf_file.py)
+    rope_freq_factors: tuple[float, ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -134,6 +136,7 @@ class ModelConfig:
             dtype=dtype,
             sliding_window=int(window) if window else None,
             partial_rotary_factor=partial,
+            rope_freq_factors=tuple(cfg["rope_freq_factors"]) if cfg.get("rope_freq_factors") else None,
             **moe,
             extra=cfg,
         )
@@ -211,6 +214,8 @@ class ModelConfig:
 
         d = self.rotary_dim
         inv = 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        if self.rope_freq_factors is not None:
+            inv = inv / torch.tensor(self.rope_freq_factors, dtype=torch.float32)
         s = self.rope_scaling
         # dynamic NTK changes the base only for sequences longer than max_position_embeddings,
         # the engine's limit: within it, it is the default rope (as transformers computes it)

@@ -4,6 +4,8 @@ A GGUF holds its config as metadata under llama.cpp's key names and its tensors 
 names, often quantized. This module maps both to what a Hugging Face folder holds: a config.json
 dict (read into `ModelConfig` as usual) and tensors with Hugging Face names, dequantized to float32
 by the `gguf` package (every quant type it can dequantize). The tokenizer is in gguf_tokenizer.py.
+Llama 3.1+ files carry their rope scaling as a tensor, `rope_freqs` (one divisor per rotary
+frequency), which becomes the batchllm-only config key `rope_freq_factors`.
 
 llama.cpp's converter reorders the rows of q_proj and k_proj for the `llama` architecture (it
 interleaves the two rotary halves of each head, the layout its rope kernel wants); `unpermute`
@@ -95,9 +97,7 @@ def hf_config(path: str | Path) -> dict[str, Any]:
     rot = int(get("rope.dimension_count", head_dim))
     if rot != head_dim:
         raise ValueError(f"{path}: partial rotary ({rot} of {head_dim} dims) is not supported for {arch!r}")
-    names = {t.name for t in reader(path).tensors}
-    if "rope_freqs.weight" in names:
-        raise ValueError(f"{path}: per-frequency rope factors (rope_freqs, e.g. Llama 3.1) are not supported yet")
+    names = {t.name: t for t in reader(path).tensors}
     cfg: dict[str, Any] = {
         "architectures": [GGUF_ARCHITECTURES[arch]],
         "vocab_size": int(get("vocab_size") or len(md["tokenizer.ggml.tokens"])),
@@ -119,6 +119,9 @@ def hf_config(path: str | Path) -> dict[str, Any]:
         cfg["rope_scaling"] = {"rope_type": scaling, "factor": float(get("rope.scaling.factor", 1.0))}
         if get("rope.scaling.original_context_length") is not None:
             cfg["rope_scaling"]["original_max_position_embeddings"] = int(get("rope.scaling.original_context_length"))
+    if "rope_freqs.weight" in names:
+        # Llama 3.1+: llama.cpp stores the llama3 scaling as one divisor per frequency
+        cfg["rope_freq_factors"] = [float(x) for x in np.asarray(names["rope_freqs.weight"].data, dtype=np.float32)]
     if get("attention.sliding_window"):
         cfg["sliding_window"] = int(get("attention.sliding_window"))
     return cfg
