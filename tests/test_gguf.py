@@ -214,3 +214,19 @@ def test_run_batch_with_a_gguf_file(gguf_factory: Callable[..., tuple[Path, Path
     assert got == {str(i): w.outputs[0].text for i, w in enumerate(want)}
     manifest = json.loads(out.with_name("out.manifest.json").read_text())
     assert manifest["model"]["fingerprint"]
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_moe_gguf_equals_its_folder(arch: str, gguf_factory: Callable[..., tuple[Path, Path]],
+                                    random_prompts: Callable[..., list[list[int]]]) -> None:
+    """Experts as llama.cpp holds them ([experts, out, in] per layer; Mixtral as a `llama` file
+    with experts), unquantized: the same model as the folder."""
+    folder, gguf = gguf_factory(arch)
+    cfg, want_cfg = read_config(gguf), read_config(folder)
+    assert (cfg.architecture, cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size,
+            cfg.norm_topk_prob, cfg.sparse_layers) == (want_cfg.architecture, want_cfg.num_experts,
+                                                       want_cfg.num_experts_per_tok, want_cfg.moe_intermediate_size,
+                                                       want_cfg.norm_topk_prob, want_cfg.sparse_layers)
+    prompts = random_prompts(6, 5, 40, seed=12)
+    want = token_ids(LLM(str(folder), dtype="float32", num_kv_blocks=64).generate(prompts, greedy(), use_tqdm=False))
+    assert token_ids(LLM(str(gguf), dtype="float32", num_kv_blocks=64).generate(prompts, greedy(), use_tqdm=False)) == want

@@ -289,20 +289,25 @@ def make_tiny_model(path: str | Path, arch: str = "llama", shape: str = "tiny", 
 
 
 # our arch -> (llama.cpp architecture, tokenizer.ggml.pre naming the tiny tokenizer's split)
-_GGUF_ARCHS = {"llama": ("llama", "gpt-2"), "mistral": ("llama", "gpt-2"), "qwen2": ("qwen2", "qwen2"),
-               "qwen3": ("qwen3", "qwen2")}
+_GGUF_ARCHS = {"llama": ("llama", "gpt-2"), "mistral": ("llama", "gpt-2"), "mixtral": ("llama", "gpt-2"),
+               "qwen2": ("qwen2", "qwen2"), "qwen3": ("qwen3", "qwen2"), "qwen3_moe": ("qwen3moe", "qwen2")}
 _GGUF_TENSOR_NAMES = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
     "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
     "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "mlp.gate": "ffn_gate_inp",
+    "block_sparse_moe.gate": "ffn_gate_inp",
 }
+_GGUF_EXPERT_NAMES = {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps", "gate_proj": "ffn_gate_exps",
+                      "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
 
 
 def write_gguf(folder: str | Path, out: str | Path, quant: str = "F32") -> Path:
     """Write the tiny model folder `folder` (from `make_tiny_model`) as a GGUF file, the way
     llama.cpp's converter lays it out: llama.cpp tensor names and metadata keys, q/k rows of the
-    `llama` architecture interleaved per head, the byte-level tokenizer as vocabulary + merges.
+    `llama` architecture interleaved per head, experts stacked per layer (Mixtral as a `llama`
+    file with experts), llama3 rope as `rope_freqs` divisors, the byte-level tokenizer as
+    vocabulary + merges.
     `quant`: "F32", "F16" or a type `gguf.quants.quantize` writes (e.g. "Q8_0") for the matrices
     (norms and 1-D tensors stay F32, as llama.cpp keeps them)."""
     import gguf
@@ -326,6 +331,12 @@ def write_gguf(folder: str | Path, out: str | Path, quant: str = "F32") -> Path:
     w.add_rope_freq_base(cfg["rope_theta"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(cfg["vocab_size"])
+    experts = cfg.get("num_local_experts", cfg.get("num_experts"))
+    if arch in ("mixtral", "qwen3_moe"):
+        w.add_expert_count(experts)
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
+    if arch == "qwen3_moe":
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
     qtype = gguf.GGMLQuantizationType[quant]
     w.add_file_type({"F32": 0, "F16": 1}.get(quant, 7))
     tok = json.loads((folder / "tokenizer.json").read_text())
@@ -350,8 +361,19 @@ def write_gguf(folder: str | Path, out: str | Path, quant: str = "F32") -> Path:
     for f in sorted(folder.glob("*.safetensors")):
         weights.update(load_file(str(f)))
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    stacked: dict[str, list] = {}  # llama.cpp holds a layer's experts as one [experts, out, in] tensor
+    for name in list(weights):
+        parts = name.split(".")
+        if ".experts." in name:
+            layer, e, kind = parts[2], int(parts[parts.index("experts") + 1]), parts[-2]
+            stacked.setdefault(f"blk.{layer}.{_GGUF_EXPERT_NAMES[kind]}.weight", [None] * experts)[e] = weights.pop(name)
+    for gname, ts in stacked.items():
+        weights[gname] = np.stack(ts)
     for name, t in weights.items():
         t = t.astype(np.float32)
+        if name.startswith("blk."):
+            _add(w, name, t, quant, qtype)
+            continue
         stem, kind = name.removeprefix("model.").rsplit(".", 1)
         if stem.startswith("layers."):
             _, i, rest = stem.split(".", 2)
@@ -361,14 +383,22 @@ def write_gguf(folder: str | Path, out: str | Path, quant: str = "F32") -> Path:
             gname = f"blk.{i}.{_GGUF_TENSOR_NAMES[rest]}.{kind}"
         else:
             gname = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output"}[stem] + f".{kind}"
-        if t.ndim == 1 or quant == "F32":
-            w.add_tensor(gname, np.ascontiguousarray(t))
-        elif quant == "F16":
-            w.add_tensor(gname, t.astype(np.float16))
-        else:
-            w.add_tensor(gname, gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+        _add(w, gname, t, quant, qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+def _add(w: Any, name: str, t: Any, quant: str, qtype: Any) -> None:
+    """One tensor into the GGUF writer: 1-D and F32 files as float32, else F16 or quantized."""
+    import gguf
+    import numpy as np
+
+    if t.ndim == 1 or quant == "F32":
+        w.add_tensor(name, np.ascontiguousarray(t))
+    elif quant == "F16":
+        w.add_tensor(name, t.astype(np.float16))
+    else:
+        w.add_tensor(name, gguf.quants.quantize(t, qtype), raw_dtype=qtype)

@@ -29,7 +29,9 @@ if TYPE_CHECKING:
     import torch
 
 # llama.cpp architecture name -> the Hugging Face architecture whose computation it is
-GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# (a `llama` file with experts is Mixtral, as llama.cpp writes it)
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                      "qwen3moe": "Qwen3MoeForCausalLM"}
 _PERMUTED_QK = {"llama"}  # architectures whose q/k rows llama.cpp's converter reorders
 
 # llama.cpp tensor name (after "blk.N.") -> Hugging Face name (after "model.layers.N.")
@@ -40,6 +42,9 @@ _LAYER_TENSORS = {
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 _TOP_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# expert tensors [experts, out, in], split per expert into the Hub's names
+_EXPERT_TENSORS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+_LAYER_TENSORS["ffn_gate_inp"] = "mlp.gate"  # the router
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -98,11 +103,13 @@ def hf_config(path: str | Path) -> dict[str, Any]:
     if rot != head_dim:
         raise ValueError(f"{path}: partial rotary ({rot} of {head_dim} dims) is not supported for {arch!r}")
     names = {t.name: t for t in reader(path).tensors}
+    experts = int(get("expert_count", 0) or 0)
+    architecture = "MixtralForCausalLM" if arch == "llama" and experts else GGUF_ARCHITECTURES[arch]
     cfg: dict[str, Any] = {
-        "architectures": [GGUF_ARCHITECTURES[arch]],
+        "architectures": [architecture],
         "vocab_size": int(get("vocab_size") or len(md["tokenizer.ggml.tokens"])),
         "hidden_size": hidden,
-        "intermediate_size": int(get("feed_forward_length")),
+        "intermediate_size": int(get("feed_forward_length") or get("expert_feed_forward_length")),
         "num_hidden_layers": int(get("block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": int(get("attention.head_count_kv", heads)),
@@ -114,6 +121,11 @@ def hf_config(path: str | Path) -> dict[str, Any]:
         "attention_bias": "blk.0.attn_q.bias" in names,
         "dtype": _dtype(md.get("general.file_type")),
     }
+    if experts:
+        cfg.update(num_local_experts=experts, num_experts_per_tok=int(get("expert_used_count")))
+    if arch == "qwen3moe":  # llama.cpp renormalises the top-k weights of Qwen3-MoE (as its checkpoints say)
+        cfg.update(moe_intermediate_size=int(get("expert_feed_forward_length")), norm_topk_prob=True,
+                   decoder_sparse_step=1, mlp_only_layers=[])
     scaling = get("rope.scaling.type")
     if scaling and scaling != "none":
         cfg["rope_scaling"] = {"rope_type": scaling, "factor": float(get("rope.scaling.factor", 1.0))}
@@ -159,6 +171,13 @@ def tensors(path: str | Path) -> Iterator[tuple[str, "torch.Tensor"]]:
     arch = metadata(path)["general.architecture"]
     cfg = hf_config(path)
     for t in r.tensors:
+        stem, _, _ = t.name.rpartition(".")
+        parts = stem.split(".")
+        if len(parts) == 3 and parts[2] in _EXPERT_TENSORS:
+            w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+            for e in range(w.shape[0]):
+                yield f"model.layers.{parts[1]}.mlp.experts.{e}.{_EXPERT_TENSORS[parts[2]]}.weight", torch.from_numpy(w[e].copy())
+            continue
         name = hf_name(t.name)
         if name is None:
             continue
