@@ -290,13 +290,14 @@ def make_tiny_model(path: str | Path, arch: str = "llama", shape: str = "tiny", 
 
 # our arch -> (llama.cpp architecture, tokenizer.ggml.pre naming the tiny tokenizer's split)
 _GGUF_ARCHS = {"llama": ("llama", "gpt-2"), "mistral": ("llama", "gpt-2"), "mixtral": ("llama", "gpt-2"),
-               "qwen2": ("qwen2", "qwen2"), "qwen3": ("qwen3", "qwen2"), "qwen3_moe": ("qwen3moe", "qwen2")}
+               "qwen2": ("qwen2", "qwen2"), "qwen3": ("qwen3", "qwen2"), "qwen3_moe": ("qwen3moe", "qwen2"),
+               "phi3": ("phi3", "gpt-2")}
 _GGUF_TENSOR_NAMES = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
     "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
     "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "mlp.gate": "ffn_gate_inp",
-    "block_sparse_moe.gate": "ffn_gate_inp",
+    "block_sparse_moe.gate": "ffn_gate_inp", "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",
 }
 _GGUF_EXPERT_NAMES = {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps", "gate_proj": "ffn_gate_exps",
                       "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
@@ -327,7 +328,7 @@ def write_gguf(folder: str | Path, out: str | Path, quant: str = "F32") -> Path:
     w.add_head_count_kv(cfg["num_key_value_heads"])
     w.add_key_length(cfg["head_dim"])
     w.add_value_length(cfg["head_dim"])
-    w.add_rope_dimension_count(cfg["head_dim"])
+    w.add_rope_dimension_count(int(cfg["head_dim"] * cfg.get("partial_rotary_factor", 1.0)))
     w.add_rope_freq_base(cfg["rope_theta"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(cfg["vocab_size"])
@@ -352,6 +353,12 @@ def write_gguf(folder: str | Path, out: str | Path, quant: str = "F32") -> Path:
     w.add_add_bos_token(arch in ("llama", "mistral"))
     w.add_chat_template(json.loads((folder / "tokenizer_config.json").read_text())["chat_template"])
     rope = cfg.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type")) == "longrope":  # as llama.cpp writes Phi3's
+        w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
+        w.add_rope_scaling_orig_ctx_len(cfg.get("original_max_position_embeddings") or rope["original_max_position_embeddings"])
+        if rope.get("attention_factor") is not None:
+            w.add_rope_scaling_attn_factors(rope["attention_factor"])
     if rope.get("rope_type", rope.get("type")) == "llama3":  # as llama.cpp: one divisor per frequency
         from batchllm.models.config import ModelConfig
         mc = ModelConfig.from_hf(cfg)

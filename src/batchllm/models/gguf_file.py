@@ -9,7 +9,9 @@ frequency), which becomes the batchllm-only config key `rope_freq_factors`.
 
 llama.cpp's converter reorders the rows of q_proj and k_proj for the `llama` architecture (it
 interleaves the two rotary halves of each head, the layout its rope kernel wants); `unpermute`
-puts them back. Qwen2/Qwen3 files are written unpermuted.
+puts them back. Qwen2/Qwen3/Phi3 files are written unpermuted. Phi3 files keep q/k/v fused
+(attn_qkv) and gate/up fused (ffn_up), as Phi3 checkpoints do; longrope's factor sets are the
+tensors rope_factors_long/short.
 
 No torch import at module level: `batchllm plan` reads configs without torch.
 """
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
 # llama.cpp architecture name -> the Hugging Face architecture whose computation it is
 # (a `llama` file with experts is Mixtral, as llama.cpp writes it)
 GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                      "qwen3moe": "Qwen3MoeForCausalLM"}
+                      "qwen3moe": "Qwen3MoeForCausalLM", "phi3": "Phi3ForCausalLM"}
 _PERMUTED_QK = {"llama"}  # architectures whose q/k rows llama.cpp's converter reorders
 
 # llama.cpp tensor name (after "blk.N.") -> Hugging Face name (after "model.layers.N.")
@@ -45,6 +47,8 @@ _TOP_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
 # expert tensors [experts, out, in], split per expert into the Hub's names
 _EXPERT_TENSORS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 _LAYER_TENSORS["ffn_gate_inp"] = "mlp.gate"  # the router
+# Phi3 files hold q/k/v fused, and gate/up fused under ffn_up
+_FUSED_TENSORS = {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -100,7 +104,7 @@ def hf_config(path: str | Path) -> dict[str, Any]:
     hidden = int(get("embedding_length"))
     head_dim = int(get("attention.key_length", hidden // heads))
     rot = int(get("rope.dimension_count", head_dim))
-    if rot != head_dim:
+    if rot != head_dim and arch != "phi3":
         raise ValueError(f"{path}: partial rotary ({rot} of {head_dim} dims) is not supported for {arch!r}")
     names = {t.name: t for t in reader(path).tensors}
     experts = int(get("expert_count", 0) or 0)
@@ -126,11 +130,25 @@ def hf_config(path: str | Path) -> dict[str, Any]:
     if arch == "qwen3moe":  # llama.cpp renormalises the top-k weights of Qwen3-MoE (as its checkpoints say)
         cfg.update(moe_intermediate_size=int(get("expert_feed_forward_length")), norm_topk_prob=True,
                    decoder_sparse_step=1, mlp_only_layers=[])
+    if rot != head_dim:
+        cfg["partial_rotary_factor"] = rot / head_dim
     scaling = get("rope.scaling.type")
+    omax = get("rope.scaling.original_context_length")
     if scaling and scaling != "none":
         cfg["rope_scaling"] = {"rope_type": scaling, "factor": float(get("rope.scaling.factor", 1.0))}
-        if get("rope.scaling.original_context_length") is not None:
-            cfg["rope_scaling"]["original_max_position_embeddings"] = int(get("rope.scaling.original_context_length"))
+        if omax is not None:
+            cfg["rope_scaling"]["original_max_position_embeddings"] = int(omax)
+        for key, ours in (("rope.scaling.yarn_beta_fast", "beta_fast"), ("rope.scaling.yarn_beta_slow", "beta_slow")):
+            if get(key) is not None:
+                cfg["rope_scaling"][ours] = float(get(key))
+    if "rope_factors_long.weight" in names:  # Phi3 longrope: the two factor sets as tensors
+        def factors(name: str) -> list[float]:
+            return [float(x) for x in np.asarray(names[name].data, dtype=np.float32)]
+        cfg["rope_scaling"] = {"rope_type": "longrope", "long_factor": factors("rope_factors_long.weight"),
+                               "short_factor": factors("rope_factors_short.weight")}
+        if get("rope.scaling.attn_factor") is not None:
+            cfg["rope_scaling"]["attention_factor"] = float(get("rope.scaling.attn_factor"))
+        cfg["original_max_position_embeddings"] = int(omax or cfg["max_position_embeddings"])
     if "rope_freqs.weight" in names:
         # Llama 3.1+: llama.cpp stores the llama3 scaling as one divisor per frequency
         cfg["rope_freq_factors"] = [float(x) for x in np.asarray(names["rope_freqs.weight"].data, dtype=np.float32)]
@@ -151,12 +169,14 @@ def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def hf_name(name: str) -> str | None:
+def hf_name(name: str, arch: str = "llama") -> str | None:
     """The Hugging Face name of a llama.cpp tensor name; None for tensors without one."""
     stem, _, kind = name.rpartition(".")
     if stem in _TOP_TENSORS:
         return f"{_TOP_TENSORS[stem]}.{kind}"
     parts = stem.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and arch == "phi3" and parts[2] in _FUSED_TENSORS:
+        return f"model.layers.{parts[1]}.{_FUSED_TENSORS[parts[2]]}.{kind}"
     if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_TENSORS:
         return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}.{kind}"
     return None
@@ -178,7 +198,7 @@ def tensors(path: str | Path) -> Iterator[tuple[str, "torch.Tensor"]]:
             for e in range(w.shape[0]):
                 yield f"model.layers.{parts[1]}.mlp.experts.{e}.{_EXPERT_TENSORS[parts[2]]}.weight", torch.from_numpy(w[e].copy())
             continue
-        name = hf_name(t.name)
+        name = hf_name(t.name, arch)
         if name is None:
             continue
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
