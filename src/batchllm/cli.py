@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.jsonl",
                     help="results file; - writes results (and error records, without --error-file) to stdout, "
                     "the report to stderr, and no manifest (no --resume)")
-    rb.add_argument("--model", required=True, metavar="PATH", help="local Hugging Face model folder")
+    rb.add_argument("--model", required=True, metavar="PATH", help="local Hugging Face model folder or GGUF file")
     rb.add_argument("--served-model-name", metavar="NAME", help="the results' model field (default: --model as given)")
     rb.add_argument("--error-file", type=Path, metavar="PATH", help="error records (default OUT.errors.jsonl)")
     mode = rb.add_mutually_exclusive_group()
@@ -95,13 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the numbers as JSON")
     _engine_flags(pl)
 
-    de = sub.add_parser("demo", help="run a sample batch on a tiny random model and print the report",
-                        description="Build a tiny random Llama model in the cache ($BATCHLLM_CACHE or "
-                        "~/.cache/batchllm) if needed, write a 48-line sample batch with shared prefixes (and two bad "
-                        "lines), run it and print the report.")
+    de = sub.add_parser("demo", help="run a sample batch on a small real model and print the report",
+                        description="Download SmolLM2-135M-Instruct (93 MB, once) into the cache ($BATCHLLM_CACHE or "
+                        "~/.cache/batchllm), write a sample batch of questions about short texts (the requests "
+                        "share long prefixes; two lines are bad on purpose), run it and print the report and "
+                        "some answers. Without the download it runs a tiny random-weight model instead.")
     de.add_argument("--out-dir", type=Path, help="where the files go (default: demo/ in the cache folder)")
-    de.add_argument("--model", metavar="PATH", help="use this model folder instead of the tiny random one")
-    de.add_argument("--shape", default="tiny", help=argparse.SUPPRESS)
+    de.add_argument("--model", metavar="PATH", help="use this model (folder or GGUF file) instead")
+    de.add_argument("--shape", choices=("tiny", "small", "test"), help="run a random-weight model of this shape instead (tiny, small, test)")
 
     mk = sub.add_parser("make-tiny-model", help="write a small random Hugging Face-style model folder",
                         description="Write a loadable model folder with random weights (for tests and demos).")
@@ -150,8 +151,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from batchllm.batch_io.demo import run_demo
     from batchllm.config import cache_dir
 
-    if args.model and not Path(args.model).is_dir():
-        return _usage(f"model folder {args.model!r} does not exist", "demo")
+    if args.model and not Path(args.model).exists():
+        return _usage(f"model {args.model!r} does not exist", "demo")
     return run_demo(args.out_dir or cache_dir() / "demo", args.model, args.shape)
 
 

@@ -16,13 +16,16 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-__all__ = ["ARCHS", "SHAPES", "SPECIAL_TOKENS", "make_tiny_model"]
+__all__ = ["ARCHS", "SHAPES", "SPECIAL_TOKENS", "make_tiny_model", "write_gguf"]
 
 ARCHS: dict[str, tuple[str, str]] = {
     "llama": ("LlamaForCausalLM", "llama"),
     "qwen2": ("Qwen2ForCausalLM", "qwen2"),
     "mistral": ("MistralForCausalLM", "mistral"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "phi3": ("Phi3ForCausalLM", "phi3"),
+    "mixtral": ("MixtralForCausalLM", "mixtral"),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
 }
 
 SHAPES: dict[str, dict[str, int]] = {
@@ -120,12 +123,20 @@ def _build_config(arch: str, shape: str, dtype: str, overrides: dict[str, Any]) 
         initializer_range=0.02, attention_dropout=0.0, use_cache=True, torch_dtype=dtype, dtype=dtype,
         rope_scaling=None,
     )
-    if arch != "mistral":
+    if arch not in ("mistral", "mixtral"):
         cfg["attention_bias"] = arch == "qwen2"  # Qwen2 always has q/k/v biases
     if arch == "llama":
         cfg["mlp_bias"] = False
-    if arch == "mistral":
+    if arch in ("mistral", "phi3", "mixtral"):
         cfg["sliding_window"] = None
+    if arch == "mixtral":  # 4 experts of the dense shape's width, 2 per token
+        cfg.update(num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.0, output_router_logits=False)
+    if arch == "qwen3_moe":  # 4 experts of half the dense width, 2 per token; every layer sparse
+        cfg.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=cfg["intermediate_size"] // 2,
+                   norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], output_router_logits=False)
+    if arch == "phi3":
+        cfg.update(resid_pdrop=0.0, embd_pdrop=0.0, original_max_position_embeddings=cfg["max_position_embeddings"],
+                   partial_rotary_factor=1.0)
     if qwen:
         cfg.update(use_sliding_window=False, sliding_window=None)
     cfg.update(overrides)
@@ -147,18 +158,35 @@ def _weight_shapes(cfg: dict[str, Any], arch: str) -> dict[str, tuple[int, ...]]
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         shapes[p + "input_layernorm.weight"] = (h,)
-        for name, out in (("q", q), ("k", kv), ("v", kv)):
+        if arch == "phi3":  # Phi3 checkpoints hold q/k/v and gate/up fused
+            shapes[p + "self_attn.qkv_proj.weight"] = (q + 2 * kv, h)
+        for name, out in (("q", q), ("k", kv), ("v", kv)) if arch != "phi3" else ():
             shapes[p + f"self_attn.{name}_proj.weight"] = (out, h)
             if arch == "qwen2":
                 shapes[p + f"self_attn.{name}_proj.bias"] = (out,)
         shapes[p + "self_attn.o_proj.weight"] = (h, q)
-        if arch == "qwen3":
+        if arch in ("qwen3", "qwen3_moe"):
             shapes[p + "self_attn.q_norm.weight"] = (hd,)
             shapes[p + "self_attn.k_norm.weight"] = (hd,)
         shapes[p + "post_attention_layernorm.weight"] = (h,)
-        shapes[p + "mlp.gate_proj.weight"] = (inter, h)
-        shapes[p + "mlp.up_proj.weight"] = (inter, h)
-        shapes[p + "mlp.down_proj.weight"] = (h, inter)
+        if arch == "phi3":
+            shapes[p + "mlp.gate_up_proj.weight"] = (2 * inter, h)
+        elif arch == "mixtral":  # as on the Hub: one w1 (gate), w3 (up), w2 (down) per expert
+            shapes[p + "block_sparse_moe.gate.weight"] = (cfg["num_local_experts"], h)
+            for e in range(cfg["num_local_experts"]):
+                for w, shape in (("w1", (inter, h)), ("w2", (h, inter)), ("w3", (inter, h))):
+                    shapes[p + f"block_sparse_moe.experts.{e}.{w}.weight"] = shape
+        elif arch == "qwen3_moe" and i not in cfg["mlp_only_layers"] and (i + 1) % cfg["decoder_sparse_step"] == 0:
+            m = cfg["moe_intermediate_size"]
+            shapes[p + "mlp.gate.weight"] = (cfg["num_experts"], h)
+            for e in range(cfg["num_experts"]):
+                for w, shape in (("gate_proj", (m, h)), ("up_proj", (m, h)), ("down_proj", (h, m))):
+                    shapes[p + f"mlp.experts.{e}.{w}.weight"] = shape
+        else:
+            shapes[p + "mlp.gate_proj.weight"] = (inter, h)
+            shapes[p + "mlp.up_proj.weight"] = (inter, h)
+        if arch == "phi3" or not any(".experts." in k and k.startswith(p) for k in shapes):
+            shapes[p + "mlp.down_proj.weight"] = (h, inter)
     shapes["model.norm.weight"] = (h,)
     if not cfg["tie_word_embeddings"]:
         shapes["lm_head.weight"] = (cfg["vocab_size"], h)
@@ -215,7 +243,7 @@ def _save_weights(path: Path, tensors: dict[str, torch.Tensor], max_shard_size: 
 
 def _write_tokenizer(path: Path, cfg: dict[str, Any], arch: str, seed: int, chat_template_file: bool) -> None:
     """tokenizer.json (+ BOS post-processor for llama/mistral) and tokenizer_config.json."""
-    add_bos = arch in ("llama", "mistral")
+    add_bos = arch in ("llama", "mistral", "phi3", "mixtral")
     tok = Tokenizer.from_str(_trained_tokenizer_json(cfg["vocab_size"], seed, arch.startswith("qwen")))
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(
@@ -258,3 +286,126 @@ def make_tiny_model(path: str | Path, arch: str = "llama", shape: str = "tiny", 
     gen = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, IM_END_ID], "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return out
+
+
+# our arch -> (llama.cpp architecture, tokenizer.ggml.pre naming the tiny tokenizer's split)
+_GGUF_ARCHS = {"llama": ("llama", "gpt-2"), "mistral": ("llama", "gpt-2"), "mixtral": ("llama", "gpt-2"),
+               "qwen2": ("qwen2", "qwen2"), "qwen3": ("qwen3", "qwen2"), "qwen3_moe": ("qwen3moe", "qwen2"),
+               "phi3": ("phi3", "gpt-2")}
+_GGUF_TENSOR_NAMES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "mlp.gate": "ffn_gate_inp",
+    "block_sparse_moe.gate": "ffn_gate_inp", "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",
+}
+_GGUF_EXPERT_NAMES = {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps", "gate_proj": "ffn_gate_exps",
+                      "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+
+
+def write_gguf(folder: str | Path, out: str | Path, quant: str = "F32") -> Path:
+    """Write the tiny model folder `folder` (from `make_tiny_model`) as a GGUF file, the way
+    llama.cpp's converter lays it out: llama.cpp tensor names and metadata keys, q/k rows of the
+    `llama` architecture interleaved per head, experts stacked per layer (Mixtral as a `llama`
+    file with experts), llama3 rope as `rope_freqs` divisors, the byte-level tokenizer as
+    vocabulary + merges.
+    `quant`: "F32", "F16" or a type `gguf.quants.quantize` writes (e.g. "Q8_0") for the matrices
+    (norms and 1-D tensors stay F32, as llama.cpp keeps them)."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    folder, out = Path(folder), Path(out)
+    cfg = json.loads((folder / "config.json").read_text())
+    arch = next(a for a, (name, _) in ARCHS.items() if name in cfg["architectures"])
+    gguf_arch, pre = _GGUF_ARCHS[arch]
+    w = gguf.GGUFWriter(str(out), gguf_arch)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_key_length(cfg["head_dim"])
+    w.add_value_length(cfg["head_dim"])
+    w.add_rope_dimension_count(int(cfg["head_dim"] * cfg.get("partial_rotary_factor", 1.0)))
+    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_vocab_size(cfg["vocab_size"])
+    experts = cfg.get("num_local_experts", cfg.get("num_experts"))
+    if arch in ("mixtral", "qwen3_moe"):
+        w.add_expert_count(experts)
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
+    if arch == "qwen3_moe":
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    qtype = gguf.GGMLQuantizationType[quant]
+    w.add_file_type({"F32": 0, "F16": 1}.get(quant, 7))
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in vocab] + [f"[PAD{i}]" for i in range(len(vocab), cfg["vocab_size"])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types([3 if i < len(SPECIAL_TOKENS) else 1 if i < len(vocab) else 5 for i in range(len(tokens))])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+    w.add_bos_token_id(BOS_ID)
+    w.add_eos_token_id(EOS_ID)
+    w.add_add_bos_token(arch in ("llama", "mistral"))
+    w.add_chat_template(json.loads((folder / "tokenizer_config.json").read_text())["chat_template"])
+    rope = cfg.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type")) == "longrope":  # as llama.cpp writes Phi3's
+        w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
+        w.add_rope_scaling_orig_ctx_len(cfg.get("original_max_position_embeddings") or rope["original_max_position_embeddings"])
+        if rope.get("attention_factor") is not None:
+            w.add_rope_scaling_attn_factors(rope["attention_factor"])
+    if rope.get("rope_type", rope.get("type")) == "llama3":  # as llama.cpp: one divisor per frequency
+        from batchllm.models.config import ModelConfig
+        mc = ModelConfig.from_hf(cfg)
+        plain = ModelConfig.from_hf({**cfg, "rope_scaling": None, "rope_parameters": None})
+        w.add_tensor("rope_freqs.weight", (plain.inv_freq() / mc.inv_freq()).numpy().astype(np.float32))
+    weights = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        weights.update(load_file(str(f)))
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    stacked: dict[str, list] = {}  # llama.cpp holds a layer's experts as one [experts, out, in] tensor
+    for name in list(weights):
+        parts = name.split(".")
+        if ".experts." in name:
+            layer, e, kind = parts[2], int(parts[parts.index("experts") + 1]), parts[-2]
+            stacked.setdefault(f"blk.{layer}.{_GGUF_EXPERT_NAMES[kind]}.weight", [None] * experts)[e] = weights.pop(name)
+    for gname, ts in stacked.items():
+        weights[gname] = np.stack(ts)
+    for name, t in weights.items():
+        t = t.astype(np.float32)
+        if name.startswith("blk."):
+            _add(w, name, t, quant, qtype)
+            continue
+        stem, kind = name.removeprefix("model.").rsplit(".", 1)
+        if stem.startswith("layers."):
+            _, i, rest = stem.split(".", 2)
+            if gguf_arch == "llama" and rest in ("self_attn.q_proj", "self_attn.k_proj"):
+                n = heads if rest.endswith("q_proj") else kv_heads
+                t = t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+            gname = f"blk.{i}.{_GGUF_TENSOR_NAMES[rest]}.{kind}"
+        else:
+            gname = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output"}[stem] + f".{kind}"
+        _add(w, gname, t, quant, qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+def _add(w: Any, name: str, t: Any, quant: str, qtype: Any) -> None:
+    """One tensor into the GGUF writer: 1-D and F32 files as float32, else F16 or quantized."""
+    import gguf
+    import numpy as np
+
+    if t.ndim == 1 or quant == "F32":
+        w.add_tensor(name, np.ascontiguousarray(t))
+    elif quant == "F16":
+        w.add_tensor(name, t.astype(np.float16))
+    else:
+        w.add_tensor(name, gguf.quants.quantize(t, qtype), raw_dtype=qtype)

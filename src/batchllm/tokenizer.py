@@ -1,4 +1,5 @@
-"""Tokenizer: tokenizer.json, special tokens and chat template from tokenizer_config.json, EOS ids."""
+"""Tokenizer: tokenizer.json, special tokens and chat template from tokenizer_config.json, EOS ids
+(or all of these from a GGUF file's metadata, gguf_tokenizer.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
+
+from batchllm.gguf_tokenizer import load_gguf_tokenizer
+from batchllm.models.gguf_file import is_gguf
 
 
 def _token_text(tok: Any) -> str | None:
@@ -24,6 +28,13 @@ class Tokenizer:
 
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
+        if is_gguf(path):
+            g = load_gguf_tokenizer(path)
+            self._tok, self.bos_token, self.eos_token = g.tokenizer, g.bos_token, g.eos_token
+            self._set_template(g.chat_template)
+            self.eos_token_ids = g.eos_token_ids
+            self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+            return
         self._tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
         cfg_file = path / "tokenizer_config.json"
         cfg: dict[str, Any] = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
@@ -34,8 +45,7 @@ class Tokenizer:
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}]
             named = {t["name"]: t["template"] for t in template}
             template = named.get("default", next(iter(named.values()), None))
-        self.chat_template: str | None = template
-        self._template = _compile(template) if template else None
+        self._set_template(template)
         self.eos_token_ids = self._eos_ids(path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self._compiled: dict[str, jinja2.Template] = {}
@@ -44,6 +54,10 @@ class Tokenizer:
         # Added tokens (special ones included) are stored as their text, not in the byte alphabet.
         self._added = set(self._tok.get_added_tokens_decoder())
         self._token_bytes: dict[int, bytes] = {}
+
+    def _set_template(self, template: str | None) -> None:
+        self.chat_template: str | None = template
+        self._template = _compile(template) if template else None
 
     def _eos_ids(self, path: Path) -> list[int]:
         ids: list[int] = []

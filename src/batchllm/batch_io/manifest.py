@@ -30,18 +30,21 @@ _SAMPLES = 16
 
 def model_fingerprint(path: str | Path) -> str:
     """sha256 over the model folder's small files (config, tokenizer, templates) and, for each
-    weight file, its size, its safetensors header and 16 evenly spaced 64 KiB samples (cheap for
+    weight file (or the one GGUF file), its size, its header and 16 evenly spaced 64 KiB samples (cheap for
     any model size; catches regenerated or re-quantized weights)."""
     path = Path(path)
     h = hashlib.sha256()
-    for f in sorted(p for p in path.iterdir() if p.is_file()):
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    for f in files:
         if f.suffix in (".json", ".jinja", ".txt", ".model"):
             h.update(f"{f.name}\0".encode() + f.read_bytes() + b"\0")
-        elif f.suffix == ".safetensors":
+        elif f.suffix in (".safetensors", ".gguf"):
             size = f.stat().st_size
             h.update(f"{f.name}\0{size}\0".encode())
             with open(f, "rb") as fh:
-                header_len = int.from_bytes(fh.read(8), "little")
+                # safetensors: the JSON header; GGUF (no header length): the first 16 MiB, which
+                # hold its metadata (vocabulary included) for the models batchllm runs
+                header_len = int.from_bytes(fh.read(8), "little") if f.suffix == ".safetensors" else 16 << 20
                 h.update(fh.read(min(header_len, 64 << 20)))
                 for k in range(_SAMPLES):
                     fh.seek(size * k // _SAMPLES)

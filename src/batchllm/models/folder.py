@@ -1,4 +1,5 @@
-"""What a Hugging Face model folder must hold, and its config.json read into a ModelConfig.
+"""What a Hugging Face model folder must hold, and its config.json (or a GGUF file's metadata)
+read into a ModelConfig.
 
 No torch import: `batchllm plan` and run-batch's checks read folders before any model is loaded.
 """
@@ -8,7 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from batchllm.models import gguf_file
 from batchllm.models.config import ModelConfig
+from batchllm.models.gguf_file import check_gguf, is_gguf
 
 
 class ModelFolderError(ValueError):
@@ -40,7 +43,14 @@ def check_folder(path: Path) -> None:
 
 
 def read_config(path: str | Path) -> ModelConfig:
+    """The model's ModelConfig: from config.json, or from a GGUF file's metadata."""
     path = Path(path)
+    if is_gguf(path):
+        try:
+            check_gguf(path)
+        except ValueError as e:
+            raise ModelFolderError(str(e)) from e
+        return ModelConfig.from_hf(gguf_file.hf_config(path))
     check_folder(path)
     try:
         raw = json.loads((path / "config.json").read_text())

@@ -1,7 +1,9 @@
-"""Llama / Mistral / Qwen2 / Qwen3 decoder over a flat token batch and a paged KV pool.
+"""Llama / Mistral / Qwen2 / Qwen3 / Phi3 decoder (and Mixtral / Qwen3-MoE, whose MLPs are
+experts: models/moe.py) over a flat token batch and a paged KV pool.
 
-The four architectures differ only in a few switches of `ModelConfig` (q/k/v bias, q/k
-RMSNorm, rope scaling). q/k/v and gate/up projections are fused into one matmul each.
+The architectures differ only in a few switches of `ModelConfig` (q/k/v bias, q/k RMSNorm,
+rope scaling, partial rotary, experts). q/k/v and gate/up projections are fused into one
+matmul each.
 
 A layer is two pure functions around attention, `attention_inputs` (norm, q/k/v, rope) and
 `attention_output_and_mlp` (output projection, residuals, norm, MLP), over plain tensors.
@@ -20,6 +22,7 @@ from batchllm.attention.select import Attention, PreparedStep
 from batchllm.kernels.cpu import CpuKernels
 from batchllm.models.config import ModelConfig
 from batchllm.models.linear import can_pack, linear, pack
+from batchllm.models.moe import SparseMoE, attention_output_and_moe
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -30,9 +33,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [tokens, heads, d] by the angles of its tokens: cos [tokens, 1, d] and `sin` with
-    its first half negated (`Rotary.tables`), so the rotated half needs no separate negation."""
-    half = x.shape[-1] // 2
+    """Rotate x [tokens, heads, d] by the angles of its tokens: cos [tokens, 1, r] and `sin` with
+    its first half negated (`Rotary.tables`), so the rotated half needs no separate negation.
+    With r < d (partial rotary) only the first r dims rotate; the rest pass through."""
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        return torch.cat([rotate(x[..., :r], cos, sin), x[..., r:]], dim=-1)
+    half = r // 2
     return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * sin
 
 
@@ -78,16 +85,29 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """cos/sin tables for every position up to `max_positions`, indexed per token."""
+    """cos/sin tables for every position up to `max_positions`, indexed per token.
+
+    A position's angles depend on the position alone (never on the sequence or the step), so a
+    shared prefix's keys are the same for every member of its group. longrope: positions below
+    `original_max_position_embeddings` rotate by the short factors, later ones by the long
+    factors (see "Long-context rope" in models/config.py). yarn and longrope scale cos and sin by their
+    attention factor, as transformers does."""
 
     def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
         super().__init__()
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), cfg.inv_freq())
+        inv, long_inv, switch, scaling = cfg.rope_parameters()
+        pos = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.outer(pos, inv)
+        if long_inv is not None:
+            freqs = torch.where(pos[:, None] < switch, freqs, torch.outer(pos, long_inv))
         emb = torch.cat([freqs, freqs], dim=-1)
         half = emb.shape[-1] // 2
-        self.register_buffer("cos", emb.cos(), persistent=False)
+        cos, sin = emb.cos(), emb.sin()
+        if scaling != 1.0:
+            cos, sin = cos * scaling, sin * scaling
+        self.register_buffer("cos", cos, persistent=False)
         # NOTE: sin with its first half negated, the sign `rotate` needs (exact: -a*b == a*-b).
-        self.register_buffer("sin", torch.cat([-emb[:, :half].sin(), emb[:, half:].sin()], dim=-1), persistent=False)
+        self.register_buffer("sin", torch.cat([-sin[:, :half], sin[:, half:]], dim=-1), persistent=False)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and (half-negated) sin of the step's positions, [tokens, 1, d], once per step."""
@@ -115,12 +135,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp: MLP | SparseMoE = SparseMoE(cfg) if cfg.is_sparse(index) else MLP(cfg)
 
 
 class CausalLM(nn.Module):
@@ -130,7 +150,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -143,7 +163,8 @@ class CausalLM(nn.Module):
         (CPU bf16; see models/linear.py); returns how many were packed. The embedding keeps its
         own weight (a tied LM head gets a packed copy)."""
         mods = [self.lm_head] + [m for layer in self.layers for m in (
-            layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+            (layer.self_attn.qkv_proj, layer.self_attn.o_proj) + ((layer.mlp.gate_up_proj, layer.mlp.down_proj)
+                                                                   if isinstance(layer.mlp, MLP) else ()))]
         packed = 0
         for m in mods:
             if can_pack(m.weight):
@@ -172,6 +193,10 @@ class CausalLM(nn.Module):
             k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
             v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
             attn = backend.forward(q, k_cache, v_cache, prepared, at.scale).reshape(n, at.h * at.d)
+            if isinstance(layer.mlp, SparseMoE):
+                h = attention_output_and_moe(h, attn, at.o_proj.weight, layer.post_attention_layernorm.weight,
+                                             cfg.rms_norm_eps, layer.mlp, self.kernels)
+                continue
             h = attention_output_and_mlp(h, attn, at.o_proj.weight, layer.post_attention_layernorm.weight,
                                          cfg.rms_norm_eps, layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight,
                                          self.kernels)
