@@ -88,6 +88,11 @@ class RunStats:
     kv_blocks_in_use_at_end: int = 0
     wall_time_s: float = 0.0
     policy: str = ""
+    # Structured outputs: compiling the run's distinct constraints (before the first step), and
+    # filling and applying the grammar masks (summed over the steps that had constrained rows).
+    grammar_compile_time_s: float = 0.0
+    grammar_mask_time_s: float = 0.0
+    grammar_mask_steps: int = 0
 
     @property
     def saving(self) -> float:

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from batchllm.executor.logits_processors import LogitsProcessors
 from batchllm.kernels.cpu import CpuKernels
 from batchllm.outputs import Logprob
 from batchllm.sequence import Sequence
+
+if TYPE_CHECKING:
+    from batchllm.structured.masks import StepMasks
 
 
 @dataclass
@@ -31,13 +36,22 @@ class Sampler:
     `logits.float().argmax(-1)`: bf16 to float32 is exact and keeps order and ties).
     """
 
-    def __init__(self, kernels: CpuKernels | None = None) -> None:
+    def __init__(self, kernels: CpuKernels | None = None, processors: LogitsProcessors | None = None) -> None:
         self.kernels = kernels
+        self.processors = processors
         # seq_id -> time.time() when its first token was sampled (read and cleared by `LLM`).
         self.first_token_time: dict[int, float] = {}
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: list[int] | None = None) -> SampleResult:
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: list[int] | None = None,
+                 masks: StepMasks | None = None) -> SampleResult:
+        """Each row's logits go through its logits processing (penalties, bias, allowed ids, bad
+        words), its grammar mask (`masks`, structured outputs) and the min_tokens ban, in that
+        order; logprobs are those of the resulting distribution (before temperature)."""
         b = logits.shape[0]
+        if self.processors is not None:
+            logits = self.processors(logits, seqs)
+        if masks:
+            logits = masks.apply(logits, seqs)
         logits = self._ban_early_stops(logits, seqs, eos_token_ids or [])
         greedy = torch.tensor([s.params.greedy for s in seqs], dtype=torch.bool)
         if self.kernels is not None and self.kernels.handles(logits):
