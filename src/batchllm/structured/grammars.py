@@ -33,7 +33,8 @@ def grammar_text(so: StructuredOutputsParams) -> str:
         # Compact JSON (no free whitespace between tokens) keeps outputs short and parseable.
         return llg.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
     if so.regex is not None:
-        return llg.LLMatcher.grammar_from_regex(so.regex)
+        # `\d` means [0-9], as in Python's and JavaScript's ASCII reading, not every Unicode digit.
+        return llg.LLMatcher.grammar_from_regex(llg.regex_to_lark(so.regex, "d"))
     if so.choice is not None:
         alternatives = " | ".join(json.dumps(c) for c in so.choice)
         return llg.LLMatcher.grammar_from_lark(f"start: {alternatives}\n")
