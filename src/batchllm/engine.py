@@ -107,14 +107,12 @@ class Engine:
             sched.after_step(out)
             result = self.sampler(logits, [out.seqs[i] for i in row_seqs], self.eos_token_ids,
                                   masks) if row_seqs else None
+            if masks and row_seqs:
+                masks.advance([out.seqs[i] for i in row_seqs], result.token_ids)
             for j, i in enumerate(row_seqs):
                 seq = out.seqs[i]
                 reason = self._append(seq, result.token_ids[j], result.logprobs[j], result.top_logprobs[j])
-                if masks:
-                    masks.advance(seq, result.token_ids[j])
                 if reason is not None:
-                    if masks:
-                        masks.drop(seq)
                     sched.finish(seq, reason)
                     stats.output_tokens += seq.num_output_tokens
                     yield seq

@@ -89,7 +89,8 @@ class RunStats:
     wall_time_s: float = 0.0
     policy: str = ""
     # Structured outputs: compiling the run's distinct constraints (before the first step), and
-    # filling and applying the grammar masks (summed over the steps that had constrained rows).
+    # the grammar work of the steps (filling and applying the masks, feeding the matchers the
+    # sampled tokens), summed over the steps that had constrained rows.
     grammar_compile_time_s: float = 0.0
     grammar_mask_time_s: float = 0.0
     grammar_mask_steps: int = 0

@@ -7,12 +7,11 @@ from typing import Any
 
 import llguidance as llg
 import llguidance.numpy as llg_np
+import numpy as np
 import torch
 
 from batchllm.sequence import Sequence
 from batchllm.structured.grammars import GrammarCache
-
-_BITS = torch.arange(32, dtype=torch.int32)
 
 
 class StepMasks:
@@ -20,7 +19,7 @@ class StepMasks:
 
     `apply` fills the masks of a step's constrained rows together (llguidance's executor, in
     parallel, outside the GIL) and sets the logits of disallowed tokens to -inf on those rows
-    only; `advance` feeds each sampled token to its sequence's matcher. A matcher lives as long
+    only; `advance` feeds the sampled tokens to their matchers. A matcher lives as long
     as its sequence: preemption recomputes KV but keeps the tokens, so the state stays valid.
     """
 
@@ -30,6 +29,7 @@ class StepMasks:
         self.eos_token_ids = eos_token_ids
         self.matchers: dict[int, Any] = {s.seq_id: cache.new_matcher(s.params.structured_outputs)
                                          for s in seqs if s.params.structured_outputs is not None}
+        self._seqs = {s.seq_id: s for s in seqs if s.seq_id in self.matchers}
         self.executor = llg.LLExecutor(threads) if self.matchers else None
         self.mask_time_s = 0.0
         self.mask_steps = 0
@@ -38,8 +38,10 @@ class StepMasks:
         return bool(self.matchers)
 
     def apply(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """`logits` with each constrained row limited to what its grammar allows (copied only
-        when a row is constrained; the model's output is an inference tensor)."""
+        """`logits` with each constrained row limited to what its grammar allows.
+
+        The model's logits are a fresh inference tensor each step, so the rows are masked in
+        place (under inference mode) rather than copied; any other tensor is copied first."""
         rows = [(i, self.matchers[s.seq_id]) for i, s in enumerate(seqs) if s.seq_id in self.matchers]
         if not rows:
             return logits
@@ -47,22 +49,31 @@ class StepMasks:
         v = logits.shape[-1]
         bitmask = llg_np.allocate_token_bitmask(len(rows), self.cache.vocab_size)
         llg_np.fill_next_token_bitmask_par(self.executor, [(m, j) for j, (_, m) in enumerate(rows)], bitmask)
-        bits = torch.from_numpy(bitmask)
-        allowed = ((bits[:, :, None] >> _BITS) & 1).flatten(1)[:, :v].bool()
+        # One byte per token, 1 = not allowed: the inverted bits unpacked, viewed as bool (no copy).
+        banned_np = np.unpackbits(np.invert(bitmask).view(np.uint8), axis=1, count=v, bitorder="little")
+        banned = torch.from_numpy(banned_np).view(torch.bool)
         # A matcher in an error state allows nothing; such a row may only end.
-        for j in (~allowed.any(dim=1)).nonzero().flatten().tolist():
-            allowed[j, [t for t in self.eos_token_ids if t < v]] = True
-        idx = torch.tensor([i for i, _ in rows])
-        out = logits.clone()
-        out[idx] = out[idx].masked_fill(~allowed, float("-inf"))
+        for j in banned_np.all(axis=1).nonzero()[0].tolist():
+            banned[j, [t for t in self.eos_token_ids if t < v]] = False
+        if not logits.is_inference():
+            logits = logits.clone()
+        with torch.inference_mode():
+            if len(rows) == logits.shape[0]:
+                logits.masked_fill_(banned, float("-inf"))
+            else:
+                for j, (i, _) in enumerate(rows):
+                    logits[i].masked_fill_(banned[j], float("-inf"))
         self.mask_time_s += time.perf_counter() - start
         self.mask_steps += 1
-        return out
+        return logits
 
-    def advance(self, seq: Sequence, token: int) -> None:
-        m = self.matchers.get(seq.seq_id)
-        if m is not None:
-            m.consume_token(token)
-
-    def drop(self, seq: Sequence) -> None:
-        self.matchers.pop(seq.seq_id, None)
+    def advance(self, seqs: list[Sequence], tokens: list[int]) -> None:
+        """Feed each constrained sequence of a step its sampled token (all rows at once, in
+        parallel); matchers of sequences finished since are dropped."""
+        for sid in [sid for sid, s in self._seqs.items() if s.is_finished]:
+            del self.matchers[sid], self._seqs[sid]
+        pairs = [(self.matchers[s.seq_id], t) for s, t in zip(seqs, tokens) if s.seq_id in self.matchers]
+        if pairs:
+            start = time.perf_counter()
+            llg_np.consume_token_par(self.executor, pairs)
+            self.mask_time_s += time.perf_counter() - start
