@@ -188,3 +188,18 @@ def test_grammar_compile_timeout(llama_dir: Path) -> None:
     failed = cache.compile([constrained(so(regex="fast")), constrained(so(regex="slow"))], timeout_s=0.3)
     assert list(failed) == [1] and "within 0.3 s" in failed[1]
     assert so(regex="fast").key() in cache.compiled
+
+
+def test_logprobs_are_the_models_own(llm: LLM) -> None:
+    """Logprobs are the model's distribution before the mask (vLLM's raw logprobs): finite, and
+    the same with and without the constraint where the constrained token is the free one."""
+    import math
+
+    params = SamplingParams(temperature=0, max_tokens=10, logprobs=5, structured_outputs=so(choice=["red", "green"]))
+    out = llm.generate("x", params, use_tqdm=False)[0].outputs[0]
+    free = llm.generate("x", SamplingParams(temperature=0, max_tokens=1, logprobs=5), use_tqdm=False)[0].outputs[0]
+    assert out.text in ("red", "green")
+    for step in out.logprobs:
+        assert len(step) >= 5 and all(math.isfinite(lp.logprob) for lp in step.values())
+    first_top = {t: lp.logprob for t, lp in out.logprobs[0].items() if lp.rank <= 5}
+    assert first_top == pytest.approx({t: lp.logprob for t, lp in free.logprobs[0].items() if lp.rank <= 5})

@@ -46,8 +46,12 @@ class Sampler:
                  masks: StepMasks | None = None) -> SampleResult:
         """Each row's logits go through its logits processing (penalties, bias, allowed ids, bad
         words), its grammar mask (`masks`, structured outputs) and the min_tokens ban, in that
-        order; logprobs are those of the resulting distribution (before temperature)."""
+        order. Logprobs are those of the model's own distribution, before any of these (vLLM's
+        default, raw logprobs), so a grammar never leaves -inf among the top tokens."""
         b = logits.shape[0]
+        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        # Before the grammar mask, which may change the model's logits in place.
+        logp = torch.log_softmax(logits[want].float(), dim=-1) if want else None
         if self.processors is not None:
             logits = self.processors(logits, seqs)
         if masks:
@@ -73,11 +77,9 @@ class Sampler:
         for s in seqs:
             if s.num_output_tokens == 0:
                 self.first_token_time[s.seq_id] = now
-        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         lps: list[float | None] = [None] * b
         tops: list[dict[int, Logprob] | None] = [None] * b
-        if want:
-            logp = torch.log_softmax(logits[want].float(), dim=-1)
+        if logp is not None:
             k = max(seqs[i].params.logprobs for i in want)
             top_v, top_i = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], logp[:, :0].long())
             chosen = torch.tensor([token_list[i] for i in want])
