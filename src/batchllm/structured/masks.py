@@ -58,11 +58,11 @@ class StepMasks:
         if not logits.is_inference():
             logits = logits.clone()
         with torch.inference_mode():
-            if len(rows) == logits.shape[0]:
-                logits.masked_fill_(banned, float("-inf"))
+            if logits.device.type == "cpu" and logits.is_contiguous():
+                _fill_banned_cpu(logits, [i for i, _ in rows], banned_np)
             else:
                 for j, (i, _) in enumerate(rows):
-                    logits[i].masked_fill_(banned[j], float("-inf"))
+                    logits[i].masked_fill_(banned[j].to(logits.device), float("-inf"))
         self.mask_time_s += time.perf_counter() - start
         self.mask_steps += 1
         return logits
@@ -77,3 +77,21 @@ class StepMasks:
             start = time.perf_counter()
             llg_np.consume_token_par(self.executor, pairs)
             self.mask_time_s += time.perf_counter() - start
+
+
+_SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _fill_banned_cpu(logits: torch.Tensor, rows: list[int], banned: np.ndarray) -> None:
+    """logits[rows[j], t] = -inf where banned[j, t], in place. Through NumPy on a same-width
+    integer view (the bit pattern of -inf in the logits' dtype): several times faster than
+    torch's masked_fill_ on bf16 here."""
+    int_dtype = _SAME_WIDTH_INT[logits.element_size()]
+    neg_inf = torch.tensor(float("-inf"), dtype=logits.dtype).view(int_dtype).item()
+    arr = logits.view(int_dtype).numpy()
+    where = banned.view(bool)
+    if len(rows) == arr.shape[0]:
+        np.copyto(arr, neg_inf, where=where)
+    else:
+        for j, i in enumerate(rows):
+            np.copyto(arr[i], neg_inf, where=where[j])
