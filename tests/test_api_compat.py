@@ -100,11 +100,28 @@ def test_default_kv_pool_follows_free_memory(llama_dir: Path, monkeypatch: pytes
 def test_sampling_params_vllm_fields_only_when_neutral() -> None:
     SamplingParams(presence_penalty=0.0, frequency_penalty=0, repetition_penalty=1.0, include_stop_str_in_output=False,
                    prompt_logprobs=None, detokenize=True)
-    for kw in (dict(presence_penalty=0.5), dict(frequency_penalty=-1.0), dict(repetition_penalty=1.1),
-               dict(include_stop_str_in_output=True), dict(prompt_logprobs=0), dict(detokenize=False)):
+    for kw in (dict(prompt_logprobs=0), dict(detokenize=False)):
         name = next(iter(kw))
         with pytest.raises(ValueError, match=f"{name}=.* is not supported by batchllm"):
             SamplingParams(**kw)
+
+
+def test_sampling_params_penalties_and_constraints_validated() -> None:
+    from batchllm import StructuredOutputsParams
+
+    SamplingParams(presence_penalty=0.5, frequency_penalty=-1.0, repetition_penalty=1.1, include_stop_str_in_output=True,
+                   logit_bias={3: -2.0}, allowed_token_ids=[1, 2], bad_words=["x"], truncate_prompt_tokens=4,
+                   structured_outputs=StructuredOutputsParams(regex="a+"))
+    for kw, msg in ((dict(presence_penalty=3), "presence_penalty must be in"),
+                    (dict(repetition_penalty=0), "repetition_penalty must be > 0"),
+                    (dict(logit_bias={"a": 1}), "logit_bias"), (dict(allowed_token_ids=[]), "allowed_token_ids"),
+                    (dict(truncate_prompt_tokens=0), "truncate_prompt_tokens")):
+        with pytest.raises(ValueError, match=msg):
+            SamplingParams(**kw)
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutputsParams(regex="a", choice=["b"])
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutputsParams()
 
 
 # ---- prompts ---------------------------------------------------------------------------------

@@ -7,13 +7,13 @@
 from typing import TYPE_CHECKING
 
 from batchllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, RunStats
-from batchllm.sampling_params import SamplingParams
+from batchllm.sampling_params import SamplingParams, StructuredOutputsParams
 
 if TYPE_CHECKING:
     from batchllm.llm import LLM
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestMetrics", "RunStats",
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "Logprob", "RequestMetrics", "RunStats",
            "__version__"]
 
 

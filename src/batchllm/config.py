@@ -172,6 +172,9 @@ class EngineConfig:
     # first use, and bf16 linear weights packed once for oneDNN (models/linear.py); False keeps
     # the all-PyTorch path (no C compiler: the kernels fall back, the packing stays).
     cpu_kernels: bool = True
+    # Structured outputs: the time limit for compiling a run's constraints (all in parallel,
+    # before the first step); a constraint not compiled by then is its requests' error.
+    grammar_timeout_s: float = 30.0
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> "EngineConfig":
@@ -228,6 +231,8 @@ class EngineConfig:
             problems.append(f"kv_threshold must be in (0, 1], got {self.kv_threshold}")
         if self.partial_block not in ("copy", "recompute"):
             problems.append(f"partial_block must be copy or recompute, got {self.partial_block!r}")
+        if not (isinstance(self.grammar_timeout_s, (int, float)) and self.grammar_timeout_s > 0):
+            problems.append(f"grammar_timeout_s must be > 0, got {self.grammar_timeout_s!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             problems.append(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         try:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from batchllm.config import EngineConfig
+from batchllm.executor.logits_processors import LogitsProcessors
 from batchllm.executor.malloc import keep_heap
 from batchllm.executor.runner import ModelRunner
 from batchllm.executor.sampler import Sampler
@@ -22,6 +24,9 @@ from batchllm.scheduler.policies import make_scheduler
 from batchllm.sequence import Sequence
 from batchllm.tokenizer import Tokenizer
 from batchllm.attention.select import make_attention
+
+if TYPE_CHECKING:
+    from batchllm.structured.grammars import GrammarCache
 
 
 class Engine:
@@ -51,7 +56,17 @@ class Engine:
         model.kernels = kernels
         self.runner = ModelRunner(model, self.num_blocks, config.block_size, self.dtype, self.device,
                                   make_attention(config.attention, self.device, self.dtype, mc.head_dim, kernels))
-        self.sampler = Sampler(kernels)
+        self.sampler = Sampler(kernels, LogitsProcessors(self.tokenizer))
+        self._grammars = None  # structured.grammars.GrammarCache, made on the first constraint
+
+    @property
+    def grammars(self) -> "GrammarCache":
+        """Compiled structured-output constraints (llguidance is imported on first use)."""
+        if self._grammars is None:
+            from batchllm.structured.grammars import GrammarCache
+
+            self._grammars = GrammarCache(self.tokenizer, self.model_config.vocab_size)
+        return self._grammars
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -68,6 +83,16 @@ class Engine:
         sched = make_scheduler(self.config, self.num_blocks, seqs, plan)
         stats.num_kv_blocks, stats.block_size = self.num_blocks, self.config.block_size
         stats.policy = self.config.policy
+        masks = None
+        if any(s.params.structured_outputs is not None for s in seqs):
+            from batchllm.structured.masks import StepMasks
+
+            # Every constraint is compiled before the first step (`LLM` compiles and reports
+            # failures first; this compiles whatever a direct caller did not).
+            failed = self.grammars.compile([s.params for s in seqs])
+            if failed:
+                raise ValueError("structured outputs that do not compile: " + "; ".join(sorted(set(failed.values()))))
+            masks = StepMasks(self.grammars, seqs, self.eos_token_ids)
         start = time.perf_counter()
         while sched.has_unfinished():
             if should_stop is not None and should_stop():
@@ -80,7 +105,10 @@ class Engine:
             plan = self.runner.last_plan
             stats.prefix_shared_attention_steps += plan is not None and plan.prefix_shared
             sched.after_step(out)
-            result = self.sampler(logits, [out.seqs[i] for i in row_seqs], self.eos_token_ids) if row_seqs else None
+            result = self.sampler(logits, [out.seqs[i] for i in row_seqs], self.eos_token_ids,
+                                  masks) if row_seqs else None
+            if masks and row_seqs:
+                masks.advance([out.seqs[i] for i in row_seqs], result.token_ids)
             for j, i in enumerate(row_seqs):
                 seq = out.seqs[i]
                 reason = self._append(seq, result.token_ids[j], result.logprobs[j], result.top_logprobs[j])
@@ -96,6 +124,8 @@ class Engine:
             if on_step is not None:
                 on_step(stats)
         stats.wall_time_s = time.perf_counter() - start
+        if masks is not None:
+            stats.grammar_mask_time_s, stats.grammar_mask_steps = masks.mask_time_s, masks.mask_steps
         stats.kv_blocks_in_use_at_end = sched.bm.num_used_blocks
 
     def _append(self, seq: Sequence, token: int, logprob: float | None, top: dict[int, float] | None) -> str | None:
@@ -121,7 +151,8 @@ class Engine:
                 hits = [(at, s) for s in p.stop_list if (at := text.find(s, max(0, floor - len(s) + 1))) >= 0]
                 if hits:
                     at, s = min(hits)
-                    reason, seq.stop_reason, seq.stop_text = "stop", s, text[:at]
+                    end = at + len(s) if p.include_stop_str_in_output else at
+                    reason, seq.stop_reason, seq.stop_text = "stop", s, text[:end]
         if reason is None and (n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len):
             reason = "length"
         return reason

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from pathlib import Path
 from collections.abc import Callable, Iterator, Sequence as Seq
 from typing import Any, Union
 
@@ -40,6 +42,7 @@ class LLM:
         self.engine = Engine(self.config)
         self.tokenizer = self.engine.tokenizer
         self.last_run_stats: RunStats | None = None
+        self._default_params: SamplingParams | None = None
         if self.engine.limits.kv_note:
             print(f"[batchllm] {self.engine.limits.kv_note}", file=sys.stderr, flush=True)
 
@@ -75,10 +78,26 @@ class LLM:
                                 f"'prompt' or 'prompt_token_ids', got {type(p).__name__}")
         return texts, ids
 
+    def default_sampling_params(self) -> SamplingParams:
+        """What `sampling_params=None` means: vLLM's defaults overridden by the model's
+        generation_config.json (temperature, top_p, top_k, repetition_penalty), as vLLM does;
+        said once on stderr when the model sets any of them."""
+        if self._default_params is None:
+            path = Path(self.config.model) / "generation_config.json"
+            gen = json.loads(path.read_text()) if path.exists() else {}
+            found = {k: gen[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty")
+                     if gen.get(k) is not None}
+            self._default_params = SamplingParams(**found)
+            if found:
+                print(f"[batchllm] default sampling parameters from the model's generation_config.json: "
+                      + ", ".join(f"{k}={v}" for k, v in found.items())
+                      + " (pass SamplingParams to override)", file=sys.stderr, flush=True)
+        return self._default_params
+
     def _params_list(self, n: int, sampling_params: SamplingParams | Seq[SamplingParams] | None
                      ) -> list[SamplingParams]:
         if sampling_params is None:
-            return [SamplingParams()] * n
+            return [self.default_sampling_params()] * n
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * n
         params = list(sampling_params)
@@ -88,7 +107,29 @@ class LLM:
 
     def validate(self, prompt_ids: list[list[int]], params: list[SamplingParams]) -> list[str]:
         """One message per invalid prompt ("prompt i: reason"); empty when all are valid."""
-        return self.engine.limits.prompt_errors(prompt_ids, params)
+        errors = self.engine.limits.prompt_errors(prompt_ids, params)
+        v = self.engine.model_config.vocab_size
+        for i, p in enumerate(params):
+            ids = [*(p.logit_bias or {}), *(p.allowed_token_ids or [])]
+            if any(t >= v for t in ids):
+                errors.append(f"prompt {i}: logit_bias and allowed_token_ids must be token ids below {v}")
+        return errors
+
+    def structured_errors(self, params: list[SamplingParams]) -> dict[int, str]:
+        """Compile every distinct structured-output constraint of `params` (in parallel, each once,
+        within the engine's time limit); {index: why} for the entries whose constraint failed."""
+        if not any(p.structured_outputs is not None for p in params):
+            return {}
+        grammars = self.engine.grammars
+        before = grammars.compile_time_s
+        failed = grammars.compile(params, timeout_s=self.config.grammar_timeout_s)
+        self._compile_time_s = grammars.compile_time_s - before
+        return failed
+
+    @staticmethod
+    def _truncated(ids: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
+        """`truncate_prompt_tokens=k`: the last k tokens of the prompt."""
+        return [x[-p.truncate_prompt_tokens:] if p.truncate_prompt_tokens else x for x, p in zip(ids, params)]
 
     def _make_seqs(self, prompt_ids: list[list[int]], params: list[SamplingParams]) -> list[Sequence]:
         """Prompt i's n samples as n sequences, numbered as `plan_batch` numbers them; sampled
@@ -159,7 +200,10 @@ class LLM:
         arrival = time.time()
         texts, ids = self._tokenize(self._as_list(prompts))
         params = self._params_list(len(ids), sampling_params)
+        ids = self._truncated(ids, params)
         errors = self.validate(ids, params)
+        self._compile_time_s = 0.0
+        errors += [f"prompt {i}: {e}" for i, e in sorted(self.structured_errors(params).items())]
         if errors:
             raise ValueError(f"{len(errors)} invalid prompt(s): " + "; ".join(errors[:20])
                              + (" ..." if len(errors) > 20 else ""))
@@ -170,7 +214,8 @@ class LLM:
                         if g.shared} if plan is not None else {}
         self.engine.sampler.first_token_time.clear()
         # NOTE: logical prefill counts every sample: without sharing, each of n samples prefills its prompt.
-        stats = RunStats(num_requests=len(ids), logical_prefill_tokens=sum(s.num_prompt_tokens for s in seqs))
+        stats = RunStats(num_requests=len(ids), logical_prefill_tokens=sum(s.num_prompt_tokens for s in seqs),
+                         grammar_compile_time_s=self._compile_time_s)
         self.last_run_stats = stats
         by_request: dict[int, list[Sequence]] = {}
         for s in seqs:

@@ -88,6 +88,12 @@ class RunStats:
     kv_blocks_in_use_at_end: int = 0
     wall_time_s: float = 0.0
     policy: str = ""
+    # Structured outputs: compiling the run's distinct constraints (before the first step), and
+    # the grammar work of the steps (filling and applying the masks, feeding the matchers the
+    # sampled tokens), summed over the steps that had constrained rows.
+    grammar_compile_time_s: float = 0.0
+    grammar_mask_time_s: float = 0.0
+    grammar_mask_steps: int = 0
 
     @property
     def saving(self) -> float:

@@ -79,6 +79,10 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def backend_json(self) -> str:
+        """The tokenizer as tokenizer.json text (what grammar libraries build their vocabulary from)."""
+        return self._tok.to_str()
+
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes token `token_id` stands for: a token that holds part of a UTF-8 character
         gives just its bytes, so consecutive tokens' bytes join to the text's UTF-8."""

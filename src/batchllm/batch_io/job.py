@@ -132,6 +132,7 @@ class _Job:
         job.manifest.settings["max_context"] = max_context
         with paused_gc():
             prepared, bad = prepare(p.requests, llm.tokenizer, limits, job.cfg.seed, max_context)
+        prepared, bad = _compile_constraints(llm, prepared, bad)
         self.errors = sorted(p.errors + bad, key=lambda e: e.line)
         job.manifest.runs.append(self.run_entry)
         if self.files.manifest is not None:
@@ -197,6 +198,19 @@ class _Job:
             log(f"error: no request succeeded ({failed} failed); see {_name(f.errors)}", self.stream)
             return EXIT_FAILURE
         return {"complete": EXIT_OK, "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_FAILURE)
+
+
+def _compile_constraints(llm: Any, prepared: list[Prepared], bad: list[ErrorRecord]
+                         ) -> tuple[list[Prepared], list[ErrorRecord]]:
+    """Compile every distinct structured-output constraint once, before the run; a request
+    whose constraint does not compile becomes an error record (the others run)."""
+    failed = llm.structured_errors([r.params[0] for r in prepared])
+    if not failed:
+        return prepared, bad
+    bad = bad + [ErrorRecord(prepared[i].request.line, prepared[i].request.custom_id,
+                             f"line {prepared[i].request.line}: {why}", "invalid_value", "response_format")
+                 for i, why in failed.items()]
+    return [r for i, r in enumerate(prepared) if i not in failed], bad
 
 
 def _name(path: Path | None) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from batchllm.sampling_params import SamplingParams
+from batchllm.sampling_params import SamplingParams, StructuredOutputsParams
 
 Endpoint = Literal["completions", "chat"]
 URLS: dict[str, Endpoint] = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
@@ -30,7 +30,10 @@ MAX_LOGPROBS = 20
 
 # Sampling fields mapped onto SamplingParams (vLLM's extensions included).
 _SAMPLING = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "min_tokens", "stop", "stop_token_ids",
-             "ignore_eos", "skip_special_tokens")
+             "ignore_eos", "skip_special_tokens", "presence_penalty", "frequency_penalty", "repetition_penalty",
+             "include_stop_str_in_output")
+# Mapped with a conversion: OpenAI's shapes to SamplingParams' (`_logit_bias`, `_response_format`).
+_CONVERTED = ("logit_bias", "response_format")
 # Accepted and without effect on generation.
 _IGNORED = ("model", "user", "metadata", "store", "service_tier", "stream_options", "prompt_cache_key",
             "safety_identifier", "parallel_tool_calls")
@@ -42,17 +45,11 @@ def _is_int(x: object) -> bool:
 
 # Known OpenAI/vLLM fields batchllm does not implement: accepted only when neutral.
 _NEUTRAL: dict[str, Callable[[Any], bool]] = {
-    "presence_penalty": lambda v: v == 0,
-    "frequency_penalty": lambda v: v == 0,
-    "repetition_penalty": lambda v: v == 1,
-    "logit_bias": lambda v: v == {},
     "stream": lambda v: v is False,
-    "include_stop_str_in_output": lambda v: v is False,
     "tools": lambda v: v == [],
     "functions": lambda v: v == [],
     "tool_choice": lambda v: v in ("none", "auto"),
     "function_call": lambda v: v in ("none", "auto"),
-    "response_format": lambda v: v == {"type": "text"},
     "modalities": lambda v: v == ["text"],
     "audio": lambda v: False,
     "prediction": lambda v: False,
@@ -204,7 +201,7 @@ def _messages(value: Any, where: str) -> tuple[dict[str, Any], ...]:
 
 def _check_fields(body: dict[str, Any], endpoint: Endpoint, where: str) -> None:
     """Refuse unknown fields, and known ones batchllm cannot honour unless they are neutral."""
-    known = {*_SAMPLING, *_IGNORED, *_NEUTRAL, "max_tokens", "max_completion_tokens", "logprobs"}
+    known = {*_SAMPLING, *_CONVERTED, *_IGNORED, *_NEUTRAL, "max_tokens", "max_completion_tokens", "logprobs"}
     known |= {"prompt", "best_of", *_COMPLETIONS_ONLY} if endpoint == "completions" else {
         "messages", "top_logprobs", *_CHAT_TEMPLATE}
     for key in body:
@@ -239,6 +236,44 @@ def _logprobs(body: dict[str, Any], endpoint: Endpoint, where: str) -> int | Non
     return (top or 0) if lp else None
 
 
+def _logit_bias(value: Any, where: str) -> dict[int, float] | None:
+    """OpenAI's `{"token id": bias}` (bias in [-100, 100]) -> {int: float}."""
+    if value is None:
+        return None
+    bad = LineError(f"{where}logit_bias must map token ids to numbers in [-100, 100]", where + "logit_bias")
+    if not isinstance(value, dict):
+        raise bad
+    out: dict[int, float] = {}
+    for k, v in value.items():
+        if not (isinstance(k, str) and k.isdigit()) or not (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                            and -100 <= v <= 100):
+            raise bad
+        out[int(k)] = float(v)
+    return out
+
+
+def _response_format(value: Any, where: str) -> StructuredOutputsParams | None:
+    """`{"type": "text"}` (no constraint), `{"type": "json_object"}` (any JSON object) or
+    `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`. The schema is always
+    enforced, `strict` or not."""
+    at = where + "response_format"
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise LineError(f"{at}.json_schema must be an object with a `schema` object", at + ".json_schema")
+        if spec.get("strict") not in (None, True, False):
+            raise LineError(f"{at}.json_schema.strict must be true or false", at + ".json_schema.strict")
+        return StructuredOutputsParams(json=spec.get("schema") or {})
+    raise LineError(f"{at} must be {{\"type\": \"text\" | \"json_object\" | \"json_schema\"}}", at)
+
+
 def _params(body: dict[str, Any], endpoint: Endpoint, where: str) -> tuple[SamplingParams, bool]:
     """SamplingParams from request fields (None = absent, as in OpenAI); True if max_tokens given."""
     _check_fields(body, endpoint, where)
@@ -267,6 +302,10 @@ def _params(body: dict[str, Any], endpoint: Endpoint, where: str) -> tuple[Sampl
     lp = _logprobs(body, endpoint, where)
     if lp is not None:
         kw["logprobs"] = lp
+    if (bias := _logit_bias(body.get("logit_bias"), where)) is not None:
+        kw["logit_bias"] = bias
+    if (so := _response_format(body.get("response_format"), where)) is not None:
+        kw["structured_outputs"] = so
     try:
         return SamplingParams(**kw), given
     except (ValueError, TypeError) as e:

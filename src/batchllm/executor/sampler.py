@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from batchllm.executor.logits_processors import LogitsProcessors
 from batchllm.kernels.cpu import CpuKernels
 from batchllm.outputs import Logprob
 from batchllm.sequence import Sequence
+
+if TYPE_CHECKING:
+    from batchllm.structured.masks import StepMasks
 
 
 @dataclass
@@ -31,13 +36,26 @@ class Sampler:
     `logits.float().argmax(-1)`: bf16 to float32 is exact and keeps order and ties).
     """
 
-    def __init__(self, kernels: CpuKernels | None = None) -> None:
+    def __init__(self, kernels: CpuKernels | None = None, processors: LogitsProcessors | None = None) -> None:
         self.kernels = kernels
+        self.processors = processors
         # seq_id -> time.time() when its first token was sampled (read and cleared by `LLM`).
         self.first_token_time: dict[int, float] = {}
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: list[int] | None = None) -> SampleResult:
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: list[int] | None = None,
+                 masks: StepMasks | None = None) -> SampleResult:
+        """Each row's logits go through its logits processing (penalties, bias, allowed ids, bad
+        words), its grammar mask (`masks`, structured outputs) and the min_tokens ban, in that
+        order. Logprobs are those of the model's own distribution, before any of these (vLLM's
+        default, raw logprobs), so a grammar never leaves -inf among the top tokens."""
         b = logits.shape[0]
+        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        # Before the grammar mask, which may change the model's logits in place.
+        logp = torch.log_softmax(logits[want].float(), dim=-1) if want else None
+        if self.processors is not None:
+            logits = self.processors(logits, seqs)
+        if masks:
+            logits = masks.apply(logits, seqs)
         logits = self._ban_early_stops(logits, seqs, eos_token_ids or [])
         greedy = torch.tensor([s.params.greedy for s in seqs], dtype=torch.bool)
         if self.kernels is not None and self.kernels.handles(logits):
@@ -59,11 +77,9 @@ class Sampler:
         for s in seqs:
             if s.num_output_tokens == 0:
                 self.first_token_time[s.seq_id] = now
-        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         lps: list[float | None] = [None] * b
         tops: list[dict[int, Logprob] | None] = [None] * b
-        if want:
-            logp = torch.log_softmax(logits[want].float(), dim=-1)
+        if logp is not None:
             k = max(seqs[i].params.logprobs for i in want)
             top_v, top_i = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], logp[:, :0].long())
             chosen = torch.tensor([token_list[i] for i in want])
