@@ -26,7 +26,7 @@ class WorkShape:
 
     tile_rows: int  # rows of a tile launch's program (queries x G), a power of two >= 16
     block_n: int  # keys per KV tile; segments are multiples of it
-    target_programs: int  # split KV while items x KV heads fall short of this
+    target_programs: int  # split KV while items x KV heads fall short of this many programs
     min_segment: int  # keys: never cut an item into segments shorter than this
 
 
@@ -103,16 +103,14 @@ def build_work(plan: AttentionPlan, g: int, num_kv_heads: int, shape: WorkShape,
         for j in range(0, len(rows), per):
             items.append(([(r, grp.num_keys) for r in rows[j:j + per]], t, 0, grp.num_keys))
 
-    # Too few programs for the GPU: cut long KV ranges into segments, merged with the rest by lse.
+    # Too few programs for the GPU: cut long KV ranges into segments of about equal work (so a
+    # 16-member group's one prefix tile does not leave the GPU waiting on a single program per KV
+    # head), merged with the rest by lse.
     programs = len(items) * num_kv_heads
     if programs and programs < shape.target_programs:
-        want = -(-shape.target_programs // programs)
-        cut = []
-        for e, t, lo, hi in items:
-            parts = max(1, min(want, (hi - lo) // shape.min_segment))
-            seg = _round_up(-(-(hi - lo) // parts), shape.block_n)
-            cut += [(e, t, s, min(hi, s + seg)) for s in range(lo, hi, seg)] if parts > 1 else [(e, t, lo, hi)]
-        items = cut
+        total = sum(hi - lo for _, _, lo, hi in items) * num_kv_heads
+        seg = _round_up(max(shape.min_segment, -(-total // shape.target_programs)), shape.block_n)
+        items = [(e, t, s, min(hi, s + seg)) for e, t, lo, hi in items for s in range(lo, hi, seg)]
     items.sort(key=lambda it: it[3] - it[2], reverse=True)  # longest first: the tail is short items
 
     counts = [0] * plan.num_tokens
