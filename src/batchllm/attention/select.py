@@ -87,8 +87,8 @@ FLASH_MIN_ROWS_HALF = 1024  # bf16 / fp16
 TRITON_TILE_ROWS = 64
 # Keys per KV tile (also what the interpreter costs per program-iteration in the tests).
 TRITON_BLOCK_N = 64
-# Split KV ranges into segments while the step's items x KV heads are fewer than this many
-# programs per SM, never into segments shorter than TRITON_MIN_SEGMENT keys.
+# When the step's items x KV heads are fewer than this many programs per SM, cut KV ranges into
+# segments of about equal work that make up that many, never shorter than TRITON_MIN_SEGMENT keys.
 TRITON_PROGRAMS_PER_SM = 2
 TRITON_MIN_SEGMENT = 256
 
