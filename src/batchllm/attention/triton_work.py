@@ -132,7 +132,7 @@ def build_work(plan: AttentionPlan, g: int, num_kv_heads: int, shape: WorkShape,
             else:
                 dsts.append(nxt[r])
                 nxt[r] += 1
-    width = max(1, max(len(t) for t in tables))
+    width = max(1, max((len(t) for t in tables), default=0))
     flat_tables = [b for t in tables for b in t + [0] * (width - len(t))]
     parts = [off, n, [it[1] for it in items], [it[2] for it in items], [it[3] for it in items], rows, limits, dsts,
              flat_tables, [] if direct else row_off]
