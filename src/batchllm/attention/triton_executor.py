@@ -61,19 +61,21 @@ class TritonExecutor:
         w = prepared.work
         t, heads, d = q.shape
         kvh = k_cache.shape[0]
-        assert heads == self.g * kvh == self.g * self.kv_heads and q.stride(2) == 1 and k_cache.stride(2) == 1 and v_cache.stride(2) == 1
+        assert heads == self.g * kvh == self.g * self.kv_heads, (heads, kvh)
+        assert q.stride(2) == k_cache.stride(2) == v_cache.stride(2) == 1  # head_dim contiguous
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if w.num_items == 0:
             return out
         if w.direct:
-            dst, lse = out, out  # lse unwritten
+            dst, lse = out, out  # WRITE_LSE off: the lse pointer is never read or written
         else:
             dst = torch.empty((w.num_partials, heads, d), dtype=torch.float32, device=q.device)
             lse = torch.empty((w.num_partials, heads), dtype=torch.float32, device=q.device)
         attend_tiles[(w.num_items, kvh)](
-            q, k_cache, v_cache, dst, lse, w.off, w.n, w.table, w.lo, w.hi, w.row, w.limit, w.dst, w.tables,
+            q, k_cache, v_cache, dst, lse, w.off, w.n, w.table, w.lo, w.hi, w.shift, w.row, w.limit, w.dst, w.tables,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
-            dst.stride(0), dst.stride(1), lse.stride(0), w.tables.stride(0), d, scale * 1.4426950408889634,
+            dst.stride(0), dst.stride(1), lse.stride(0), w.tables.stride(0), d,
+            scale * 1.4426950408889634,  # log2(e): the kernel's softmax is in base 2 (exp2)
             **attend_constants(q.dtype, d, self.g, w.block_m, self.shape.block_n, prepared.block_size, not w.direct,
                                self.upcast))
         if not w.direct:

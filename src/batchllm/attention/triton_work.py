@@ -6,15 +6,17 @@ Every decode query is an item of one query over its own keys; every prefill chun
 tiles of `rows // G` queries (GQA heads packed into the rows) with causal limits; each group's
 prefix is tiled over its members' query rows (decode and prefill alike), all seeing the whole
 prefix, so a prefix tile is read once for up to `rows // G` member queries. When the items fill
-too little of the GPU, long ones are cut into KV segments. Items run longest first. A row with one
-result is written in place (`direct`); otherwise every result is a partial, merged by lse.
+too little of the GPU, long ones are cut into KV segments (which share their query entries).
+Items run longest first. A row with one result is written in place (`direct`); otherwise every
+result is a partial, merged by lse. Built with numpy: a step's Python work does not grow with its
+prefill tokens.
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from batchllm.attention.plan import AttentionPlan
@@ -32,17 +34,19 @@ class WorkShape:
 
 @dataclass(frozen=True)
 class WorkList:
-    """One step's items for `attend_tiles`: per item `off`, `n`, `table`, `lo`, `hi`; per query
-    entry `row`, `limit`, `dst`; `tables` [T, width] int32. `direct`: every flat row has exactly
-    one entry, whose `dst` is the row itself; otherwise `dst` is a partial slot and row r's
-    partials are slots `row_off[r] .. row_off[r+1]-1` (`num_partials` in all). `block_m`: the rows
-    of one program."""
+    """One step's items for `attend_tiles`: per item `off`, `n`, `table`, `lo`, `hi`, `shift`; per
+    query entry `row`, `limit`, `dst`; `tables` [T, width] int32. Entry e of item w writes its
+    result to row `dst[e] + shift[w]` of the output. `direct`: every flat row has exactly one
+    result and `dst` is the row itself; otherwise results are partial slots, row r's being slots
+    `row_off[r] .. row_off[r+1]-1` (`num_partials` in all; the segments of one item write
+    consecutive slots, `shift` counting them). `block_m`: the rows of one program."""
 
     off: torch.Tensor
     n: torch.Tensor
     table: torch.Tensor
     lo: torch.Tensor
     hi: torch.Tensor
+    shift: torch.Tensor
     row: torch.Tensor
     limit: torch.Tensor
     dst: torch.Tensor
@@ -82,62 +86,69 @@ def build_work(plan: AttentionPlan, g: int, num_kv_heads: int, shape: WorkShape,
     dec, pre = plan.decodes, plan.prefills
     block_m = block_rows(plan, g, shape.tile_rows)
     per = block_m // g  # queries per item
-    tables: list[list[int]] = []
-    items: list[tuple[list[tuple[int, int]], int, int, int]] = []  # (entries (row, limit), table, lo, hi)
+    tables = list(dec.tables)
+    rows, limits = [np.asarray(dec.rows, np.int64)], [np.asarray(dec.key_lens, np.int64)]
+    # items before any cut, in entry order: first entry, entries, table, last key + 1
+    off, n, tab, hi = [np.arange(len(dec))], [np.ones(len(dec), np.int64)], [np.arange(len(dec))], [limits[0]]
+    count = len(dec)  # entries so far
 
-    def table_of(blocks: list[int]) -> int:
-        tables.append(blocks)
-        return len(tables) - 1
+    def add(entry_rows: np.ndarray, entry_limits: np.ndarray, table: list[int]) -> None:
+        nonlocal count
+        starts = np.arange(0, len(entry_rows), per)
+        ends = np.minimum(starts + per, len(entry_rows))
+        rows.append(entry_rows)
+        limits.append(entry_limits)
+        off.append(count + starts)
+        n.append(ends - starts)
+        tab.append(np.full(len(starts), len(tables)))
+        hi.append(np.maximum.reduceat(entry_limits, starts))
+        tables.append(table)
+        count += len(entry_rows)
 
-    for row, table, keys in zip(dec.rows, dec.tables, dec.key_lens):
-        items.append(([(row, keys)], table_of(table), 0, keys))
-    for row, n, table, first in zip(pre.rows, pre.num_rows, pre.tables, pre.first_limits()):
-        t = table_of(table)
-        for j in range(0, n, per):
-            e = [(row + i, first + i) for i in range(j, min(n, j + per))]
-            items.append((e, t, 0, e[-1][1]))
+    for row, num, table, first in zip(pre.rows, pre.num_rows, pre.tables, pre.first_limits()):
+        add(np.arange(row, row + num), np.arange(first, first + num), table)
     for grp in plan.groups:
-        rows = [dec.rows[i] for i in grp.decodes]
-        rows += [r for i in grp.prefills for r in range(pre.rows[i], pre.rows[i] + pre.num_rows[i])]
-        t = table_of(grp.blocks)
-        for j in range(0, len(rows), per):
-            items.append(([(r, grp.num_keys) for r in rows[j:j + per]], t, 0, grp.num_keys))
+        member_rows = [dec.rows[i] for i in grp.decodes]
+        member_rows += [r for i in grp.prefills for r in range(pre.rows[i], pre.rows[i] + pre.num_rows[i])]
+        add(np.asarray(member_rows, np.int64), np.full(len(member_rows), grp.num_keys), grp.blocks)
+    off, n, tab, hi = (np.concatenate(x).astype(np.int64) for x in (off, n, tab, hi))
+    row, limit = np.concatenate(rows).astype(np.int64), np.concatenate(limits).astype(np.int64)
 
     # Too few programs for the GPU: cut long KV ranges into segments of about equal work (so a
     # 16-member group's one prefix tile does not leave the GPU waiting on a single program per KV
     # head), merged with the rest by lse.
-    programs = len(items) * num_kv_heads
-    if programs and programs < shape.target_programs:
-        total = sum(hi - lo for _, _, lo, hi in items) * num_kv_heads
-        seg = _round_up(max(shape.min_segment, -(-total // shape.target_programs)), shape.block_n)
-        items = [(e, t, s, min(hi, s + seg)) for e, t, lo, hi in items for s in range(lo, hi, seg)]
-    items.sort(key=lambda it: it[3] - it[2], reverse=True)  # longest first: the tail is short items
+    segs = np.ones(len(off), np.int64)
+    seg = 0
+    if 0 < len(off) * num_kv_heads < shape.target_programs:
+        seg = _round_up(max(shape.min_segment, -(-int(hi.sum()) * num_kv_heads // shape.target_programs)),
+                        shape.block_n)
+        segs = np.maximum(1, -(-hi // seg))
+    item = np.repeat(np.arange(len(off)), segs)  # the uncut item of every segment
+    shift = np.arange(len(item)) - np.repeat(np.cumsum(segs) - segs, segs)  # segment index
+    lo = shift * seg
+    seg_hi = np.minimum(hi[item], lo + seg) if seg else hi[item]
+    order = np.argsort(lo - seg_hi, kind="stable")  # longest first: the tail is short items
 
-    counts = [0] * plan.num_tokens
-    for e, _, _, _ in items:
-        for r, _ in e:
-            counts[r] += 1
-    direct = all(c == 1 for c in counts)
-    row_off = [0, *itertools.accumulate(counts)]
-    nxt = row_off[:-1].copy()  # next free partial slot of each row
-    rows, limits, dsts, off, n = [], [], [], [], []
-    for e, _, _, _ in items:
-        off.append(len(rows))
-        n.append(len(e))
-        for r, lim in e:
-            rows.append(r)
-            limits.append(lim)
-            if direct:
-                dsts.append(r)
-            else:
-                dsts.append(nxt[r])
-                nxt[r] += 1
+    entry_segs = np.repeat(segs, n)  # results each entry gives: one per segment of its item
+    direct = len(row) == plan.num_tokens and bool((entry_segs == 1).all())
+    if direct:  # every row exactly once (the plan covers each row once, a group adds more)
+        dst, row_off, num_partials = row, np.zeros(0, np.int64), plan.num_tokens
+    else:
+        # Entry e's slots: row_off[row] + the results of the row's earlier entries (rows sorted
+        # stably, the running sum of results is exactly that).
+        by_row = np.argsort(row, kind="stable")
+        dst = np.empty_like(row)
+        dst[by_row] = np.cumsum(entry_segs[by_row]) - entry_segs[by_row]
+        counts = np.bincount(row, weights=entry_segs, minlength=plan.num_tokens).astype(np.int64)
+        row_off = np.concatenate([[0], np.cumsum(counts)])
+        num_partials = int(row_off[-1])
     width = max(1, max((len(t) for t in tables), default=0))
-    flat_tables = [b for t in tables for b in t + [0] * (width - len(t))]
-    parts = [off, n, [it[1] for it in items], [it[2] for it in items], [it[3] for it in items], rows, limits, dsts,
-             flat_tables, [] if direct else row_off]
+    # NOTE: one array from padded lists (as `pad_rows`), not one assignment per table.
+    flat_tables = np.array([t + [0] * (width - len(t)) for t in tables], np.int64).reshape(len(tables), width)
+    parts = [off[item][order], n[item][order], tab[item][order], lo[order], seg_hi[order], shift[order], row, limit,
+             dst, flat_tables.ravel(), row_off]
     # NOTE: one host-to-device copy for the whole step, then views.
-    packed = torch.tensor([x for p in parts for x in p], dtype=torch.int32).to(device, non_blocking=True)
+    packed = torch.from_numpy(np.concatenate(parts).astype(np.int32)).to(device, non_blocking=True)
     views = list(torch.split(packed, [len(p) for p in parts]))
-    return WorkList(*views[:8], views[8].view(len(tables), width), None if direct else views[9], len(items),
-                    row_off[-1], block_m, direct)
+    return WorkList(*views[:9], views[9].view(len(tables), width), None if direct else views[10], len(item),
+                    num_partials, block_m, direct)

@@ -1,9 +1,10 @@
 """`attend_tiles`: attention over a flat work list of (query tile, KV range) items on a paged pool.
 
-Item w attends queries `entries[off[w] : off[w] + n[w]]` over keys `kv_lo[w] .. kv_hi[w]-1` of
+Item w attends query entries `off[w] .. off[w] + n[w] - 1` over keys `lo[w] .. hi[w]-1` of
 block table row `table[w]`. Query entry e is flat row `q_row[e]`, sees keys 0 .. `q_limit[e]`-1
-of that table (a causal limit, or the whole prefix) and writes its result to row `q_dst[e]` of
-`out` (and `lse` when `WRITE_LSE`). One program per (item, KV head): its rows are the entries'
+of that table (a causal limit, or the whole prefix) and writes its result to row
+`q_dst[e] + shift[w]` of `out` (and `lse` when `WRITE_LSE`): the KV segments of one query tile
+share its entries and write consecutive rows. One program per (item, KV head): its rows are the entries'
 query heads of that KV head (GQA packing: row m is entry m // G, head kv_head * G + m % G), so
 each KV tile is loaded once for all of them. This one kernel serves the whole plan: a prefill
 chunk's query tile over its own keys, a decode query over one KV segment, a group prefix read
@@ -18,7 +19,7 @@ import triton.language as tl
 
 @triton.jit
 def attend_tiles(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
-                 item_off, item_n, item_table, item_lo, item_hi,
+                 item_off, item_n, item_table, item_lo, item_hi, item_shift,
                  q_row, q_limit, q_dst, tables,
                  stride_qt, stride_qh, stride_kh, stride_ks, stride_vh, stride_vs,
                  stride_ot, stride_oh, stride_lt, stride_tab,
@@ -77,7 +78,7 @@ def attend_tiles(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
 
     seen = l_i > 0.0  # a row with no key: out 0, lse -inf (what the merge treats as empty)
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
-    dst = tl.load(q_dst + off + entry, mask=row_ok, other=0).to(tl.int64)
+    dst = tl.load(q_dst + off + entry, mask=row_ok, other=0).to(tl.int64) + tl.load(item_shift + w)
     tl.store(out_ptr + dst[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     if WRITE_LSE:  # natural-log lse, like the PyTorch executor's
