@@ -140,6 +140,28 @@ def test_work_list_builds_fast() -> None:
     assert w.row.numel() == plan.num_tokens + 256 and time.perf_counter() - t < 0.1  # ~5 ms unloaded
 
 
+@needs_triton
+def test_engine_runs_the_triton_executor(llama_dir: Path) -> None:
+    """A whole engine (runner, KV pool views, q layout) with the Triton executor swapped in for
+    the PyTorch one: the same greedy tokens on prompts sharing a prefix, steps with shared
+    attention included."""
+    from batchllm import LLM, SamplingParams
+
+    rng = random.Random(8)
+    prefix = [rng.randrange(5, 1000) for _ in range(40)]
+    prompts = [{"prompt_token_ids": prefix + [rng.randrange(5, 1000) for _ in range(3 + i)]} for i in range(3)]
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    outs = []
+    for triton in (False, True):
+        llm = LLM(str(llama_dir), dtype="float32", num_kv_blocks=64, cpu_kernels=False, attention="prefix-shared")
+        cfg = llm.engine.runner.model.cfg
+        if triton:
+            llm.engine.runner.backend.executor = TritonExecutor(CPU, cfg.num_heads, cfg.num_kv_heads)
+        outs.append([list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)])
+        assert llm.last_run_stats.prefix_shared_attention_steps > 0
+    assert outs[0] == outs[1]
+
+
 def test_cpu_engine_never_imports_triton(llama_dir: Path) -> None:
     """`sys.modules['triton'] = None` makes any import of triton fail: a CPU engine builds and
     generates without it, and make_executor falls back to PyTorch for CUDA without triton."""

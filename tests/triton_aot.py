@@ -1,7 +1,9 @@
 """Compiles every Triton kernel specialisation for sm_90 ahead of time, no GPU needed (run by
 test_triton_aot.py in a subprocess without TRITON_INTERPRET: the kernels must be JIT functions).
 
-Usage: python tests/triton_aot.py  -> prints one line per compiled specialisation.
+Usage: python tests/triton_aot.py  -> prints one line per compiled specialisation. To check the
+kernels against another triton (the GPU machine's 3.6, say) without touching the environment:
+pip install --no-deps --target DIR triton==3.6.0, then PYTHONPATH=DIR:src python tests/triton_aot.py.
 """
 
 from __future__ import annotations
