@@ -23,6 +23,7 @@ after every part, so a run cut short still leaves what it measured). Parts:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -84,6 +85,13 @@ DEVICE = "cuda"
 def sync() -> None:
     if DEVICE == "cuda":
         torch.cuda.synchronize()
+
+
+def free() -> None:
+    """Give the last engine's weights and KV pool back before the next one loads its own."""
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
 
 
 # --- kernels -------------------------------------------------------------------------------------
@@ -240,6 +248,7 @@ def e2e_rows(model: str, quick: bool, deadline: float, kv_tokens: int) -> tuple[
             rows.append(dict(engine=f"batchllm {policy}", error="skipped: out of time"))
             continue
         rows.append(run_batchllm(model, wl, policy, kv_tokens, limit_flops))
+        free()
     if time.monotonic() > deadline:
         rows.append(dict(engine="transformers generate", error="skipped: out of time"))
     else:
