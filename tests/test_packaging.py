@@ -59,10 +59,24 @@ def _undeclared(imports: dict[str, Path], declared: set[str]) -> list[str]:
     return bad
 
 
+# Modules imported only on an optional path (test_triton_executor checks a CPU engine never
+# imports them), and the extra that declares what they import.
+OPTIONAL = {"gpu": ("kernels/triton/", "attention/triton_executor.py")}
+
+
+def _optional(f: Path, extra: str) -> bool:
+    return f.relative_to(PACKAGE).as_posix().startswith(OPTIONAL[extra])
+
+
 def test_package_imports_come_from_its_dependencies() -> None:
-    imports = _third_party_imports(sorted(PACKAGE.rglob("*.py")), {"batchllm"})
+    files = sorted(PACKAGE.rglob("*.py"))
+    core = [f for f in files if not any(_optional(f, e) for e in OPTIONAL)]
+    imports = _third_party_imports(core, {"batchllm"})
     assert {"torch", "numpy"} <= set(imports)  # the walk sees imports at all
     assert _undeclared(imports, _declared()) == []
+    for extra in OPTIONAL:
+        optional = _third_party_imports([f for f in files if _optional(f, extra)], {"batchllm"})
+        assert optional and _undeclared(optional, _declared(extra)) == [], extra
 
 
 def test_test_imports_come_from_the_test_extra() -> None:

@@ -55,7 +55,8 @@ class Engine:
         kernels = load_cpu_kernels() if use_kernels else None
         model.kernels = kernels
         self.runner = ModelRunner(model, self.num_blocks, config.block_size, self.dtype, self.device,
-                                  make_attention(config.attention, self.device, self.dtype, mc.head_dim, kernels))
+                                  make_attention(config.attention, self.device, self.dtype, mc.head_dim, kernels,
+                                                 (mc.num_heads, mc.num_kv_heads)))
         self.sampler = Sampler(kernels, LogitsProcessors(self.tokenizer))
         self._grammars = None  # structured.grammars.GrammarCache, made on the first constraint
 

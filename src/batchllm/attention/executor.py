@@ -17,6 +17,7 @@ class ExecutorKind(Enum):
     TORCH = "torch"  # PyTorch alone: any device and dtype; the reference for every other kind
     CPU_KERNELS = "cpu-kernels"  # the C kernels (kernels/) for decode queries and prefill chunks
     CPU_DECODE_KERNELS = "cpu-decode-kernels"  # C for decode queries, PyTorch for prefill chunks
+    TRITON = "triton"  # the Triton kernels (kernels/triton/) for the whole plan, on CUDA
 
 
 Prepared = TypeVar("Prepared")

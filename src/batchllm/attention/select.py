@@ -6,9 +6,10 @@ Executor, chosen once when the engine is built (`make_executor`):
   C (`paged_prefill`) where the kernels have a fast path for the head size (AVX-512, head size 64
   or 128, `CpuKernels.fast_prefill`); elsewhere that kernel goes one query row at a time and
   PyTorch's matmul / flash attention is several times faster, so prefill runs in PyTorch.
-- Anything else (float16, another device, no compiler, `cpu_kernels=False`): `TorchExecutor`.
-A GPU executor implements `executor.Executor`, gets an `ExecutorKind` and an `AUTO_SHARE` entry,
-and is picked here.
+- CUDA with triton importable (the `gpu` extra): `TritonExecutor`, every part of the plan in
+  Triton kernels (kernels/triton/). triton is imported only on this path.
+- Anything else (float16 on CPU, CUDA without triton, no compiler, `cpu_kernels=False`):
+  `TorchExecutor`.
 
 Plan, built once per step for all layers (`plan_step`, from `Attention.prepare`):
 - mode "reference": nothing shared; "prefix-shared": every group member's queries share;
@@ -21,6 +22,7 @@ Measurements behind the constants below: bench/results/attention-selection.md.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Generic
@@ -35,6 +37,8 @@ from batchllm.kernels.cpu import DTYPES as KERNEL_DTYPES
 
 if TYPE_CHECKING:
     from batchllm.kernels.cpu import CpuKernels
+
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # --- Share or not (mode "auto") ---
 # Sharing reads a group's prefix once instead of once per member. On the PyTorch executor it
@@ -76,6 +80,18 @@ GROUP_MAX_BUCKETS = 8
 FLASH_MIN_ROWS_FP32 = 16
 FLASH_MIN_ROWS_HALF = 1024  # bf16 / fp16
 
+# --- The Triton executor (CUDA; unmeasured until a GPU run: bench/bench_triton.py) ---
+# Rows of one `attend_tiles` program when a step has prefill chunks or group prefixes: query
+# positions x heads per KV head (64 rows = 16 queries of a Llama-3-8B-shaped model, G = 4). A
+# decode-only unshared step uses one query's heads (at least 16, `tl.dot`'s minimum).
+TRITON_TILE_ROWS = 64
+# Keys per KV tile (also what the interpreter costs per program-iteration in the tests).
+TRITON_BLOCK_N = 64
+# When the step's items x KV heads are fewer than this many programs per SM, cut KV ranges into
+# segments of about equal work that make up that many, never shorter than TRITON_MIN_SEGMENT keys.
+TRITON_PROGRAMS_PER_SM = 2
+TRITON_MIN_SEGMENT = 256
+
 
 class Mode(Enum):
     """`EngineConfig.attention`."""
@@ -90,7 +106,18 @@ AUTO_SHARE: dict[ExecutorKind, tuple[Share, int]] = {
     ExecutorKind.TORCH: (Share.ALL, MIN_SAVED_TOKENS),
     ExecutorKind.CPU_KERNELS: (Share.ALL if SHARE_PREFILL_WITH_KERNELS else Share.DECODES, MIN_SAVED_TOKENS_KERNELS),
     ExecutorKind.CPU_DECODE_KERNELS: (Share.ALL, MIN_SAVED_TOKENS_KERNELS),
+    # One launch either way: a group prefix tile costs one read for up to TRITON_TILE_ROWS rows
+    # and the merge is one small launch, so share from the same small saving as the C kernels.
+    ExecutorKind.TRITON: (Share.ALL, MIN_SAVED_TOKENS_KERNELS),
 }
+
+
+def triton_available() -> bool:
+    """Whether triton is installed (the `gpu` extra), found without importing it."""
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except ValueError:  # sys.modules["triton"] is None: made unimportable on purpose
+        return False
 
 
 def rows_per_prefix_read(share: Share) -> int:
@@ -140,19 +167,25 @@ class Attention(Generic[Prepared]):
         return self.executor.run(q, k_cache, v_cache, step.inputs, scale)
 
 
-def make_executor(device: torch.device, dtype: torch.dtype, head_dim: int, kernels: CpuKernels | None) -> Executor:
+def make_executor(device: torch.device, dtype: torch.dtype, head_dim: int, kernels: CpuKernels | None,
+                  heads: tuple[int, int] | None = None) -> Executor:
     """The executor for an engine on `device` in `dtype` with heads of `head_dim`; `kernels`: the
-    loaded C kernels, None where there are none (no compiler, or switched off)."""
+    loaded C kernels, None where there are none (no compiler, or switched off); `heads`: (query
+    heads, KV heads), which the Triton executor packs into its rows (None: no Triton executor)."""
     # NOTE: imported here because the executors import their constants from this module.
     from batchllm.attention.cpu_executor import CpuExecutor
     from batchllm.attention.torch_executor import TorchExecutor
 
     if kernels is not None and device.type == "cpu" and dtype in KERNEL_DTYPES:
         return CpuExecutor(kernels, prefill_in_c=kernels.fast_prefill(head_dim))
+    if device.type == "cuda" and heads is not None and dtype in TRITON_DTYPES and triton_available():
+        from batchllm.attention.triton_executor import TritonExecutor  # imports triton: CUDA only
+
+        return TritonExecutor(device, *heads)
     return TorchExecutor(device)
 
 
 def make_attention(mode: Mode | str, device: torch.device, dtype: torch.dtype, head_dim: int,
-                   kernels: CpuKernels | None) -> Attention:
+                   kernels: CpuKernels | None, heads: tuple[int, int] | None = None) -> Attention:
     """The engine's attention: `mode` (`EngineConfig.attention`) on the executor `make_executor` picks."""
-    return Attention(Mode(mode), make_executor(device, dtype, head_dim, kernels))
+    return Attention(Mode(mode), make_executor(device, dtype, head_dim, kernels, heads))
