@@ -397,3 +397,44 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith("batchllm ")
+
+
+# ---- capacity: a max_tokens nothing can hold, a group that cannot share ---------------------------
+def test_huge_max_tokens_is_capped_not_fatal(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One line asks for 100,000 tokens: before, the whole job died ("KV pool too small: group 0
+    needs ... blocks", exit 1, no results). Now it ends with "length" at the context and the rest
+    run as usual; `plan` warns about the cap."""
+    d = docs(1, 30)[0]
+    lines = [openai(f"r{i}", {"prompt": f"{d} question {i}", "max_tokens": 4, "temperature": 0}) for i in range(3)]
+    lines.append(openai("huge", {"prompt": f"{d} question huge", "max_tokens": 100_000, "temperature": 0,
+                                 "ignore_eos": True}))
+    inp = write(tmp_path / "in.jsonl", lines)
+    code, stdout, _ = cli(capsys, "plan", "-i", inp, "--model", model, "--max-model-len", "64", *ENGINE)
+    assert code == 0 and "Warning: 1 sequence(s) ask for more output than fits" in stdout
+    out = tmp_path / "out.jsonl"
+    code, _, err = cli(capsys, "run-batch", "-i", inp, "-o", out, "--model", model, "--max-model-len", "64", *ENGINE)
+    assert code == 0, err
+    got = choices(out)
+    assert sorted(got) == ["huge", "r0", "r1", "r2"]
+    huge = next(r for r in records(out) if r["custom_id"] == "huge")["response"]["body"]
+    assert huge["choices"][0]["finish_reason"] == "length"
+    assert huge["usage"]["prompt_tokens"] + huge["usage"]["completion_tokens"] == 64
+
+
+def test_plan_warns_about_a_group_that_runs_unshared(model: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Three requests share a long prefix; the pool holds any one of them but not the prefix's
+    blocks beside a member's own: `plan` says the group runs unshared, and run-batch completes."""
+    d = docs(1, 60)[0]
+    lines = [openai(f"r{i}", {"prompt": f"{d} question {i}", "max_tokens": 24, "temperature": 0,
+                              "ignore_eos": True}) for i in range(3)]
+    inp = write(tmp_path / "in.jsonl", lines)
+    n = len(Tokenizer(model).encode(f"{d} question 0"))
+    blocks = -(-(n + 24) // 8)  # one member alone, not the prefix's partial block beside it
+    opts = ["--block-size", "8", "--num-kv-blocks", str(blocks)]
+    code, stdout, _ = cli(capsys, "plan", "-i", inp, "--model", model, *opts)
+    assert code == 0 and "1 prefix-sharing group(s) cannot hold their prefix" in stdout, stdout
+    out = tmp_path / "out.jsonl"
+    code, _, err = cli(capsys, "run-batch", "-i", inp, "-o", out, "--model", model, *opts)
+    assert code == 0, err
+    assert sorted(ids(out)) == ["r0", "r1", "r2"]

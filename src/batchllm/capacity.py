@@ -30,3 +30,22 @@ def group_fits(prefix_len: int, member_final_tokens: list[int], block_size: int,
     full = prefix_len // block_size
     own = max(blocks_for(t, block_size) - full for t in member_final_tokens)
     return blocks_for(prefix_len, block_size) + own <= num_blocks
+
+
+def capacity_warnings(groups: list[tuple[bool, int, tuple[int, ...]]], seq_prompt_lens: list[int],
+                      seq_max_tokens: list[int], max_context: int, block_size: int, num_blocks: int) -> list[str]:
+    """What `batchllm plan` warns about: sequences whose max_tokens the context or the pool caps,
+    and shared groups (shared, prefix_len, member sequence indices) that will run unshared."""
+    out = []
+    capped = [i for i, (n, m) in enumerate(zip(seq_prompt_lens, seq_max_tokens)) if is_capped(n, m, max_context)]
+    if capped:
+        out.append(f"{len(capped)} sequence(s) ask for more output than fits: max_tokens capped so prompt + output "
+                   f"<= {max_context:,} tokens (the context or the KV pool); they end with finish_reason 'length'")
+    finals = [final_tokens(n, m, max_context) for n, m in zip(seq_prompt_lens, seq_max_tokens)]
+    unshared = [(p, len(ms)) for shared, p, ms in groups
+                if shared and not group_fits(p, [finals[i] for i in ms], block_size, num_blocks)]
+    if unshared:
+        out.append(f"{len(unshared)} prefix-sharing group(s) cannot hold their prefix beside their largest member in "
+                   f"the {num_blocks:,}-block KV pool and run unshared (each member prefills its whole prompt): "
+                   + ", ".join(f"{p}-token prefix x {k}" for p, k in unshared[:5]) + (" ..." if len(unshared) > 5 else ""))
+    return out
