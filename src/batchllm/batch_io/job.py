@@ -1,7 +1,8 @@
 """The run-batch job: parse, validate, skip what is done, run, write results as they finish.
 
 Exit codes: 0 done (bad input lines are error records, not failures), 1 engine failure,
-2 usage error or refusal (OUT exists, resume mismatch), 130 interrupted (SIGINT/SIGTERM).
+2 usage error or refusal (OUT exists, resume mismatch, another run holds OUT's lock),
+130 interrupted (SIGINT/SIGTERM/SIGHUP).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any, TextIO
 
 from batchllm.outputs import RequestOutput, RunStats
 
+from .lock import JobLock, LockHeld
+from .pipes import PipeGuard
 from .prepare import Prepared, paused_gc, prepare, units_of
 from .progress import Progress, Report, log
 from .requests import BatchRequest, ErrorRecord
@@ -52,18 +55,39 @@ class JobOptions:
 
 def run_batch(o: JobOptions) -> int:
     """Run the job described by `o`; returns the exit code (see module docstring)."""
-    stream = o.stream or sys.stderr
+    stream = PipeGuard(o.stream or sys.stderr, "stderr")
+    report = PipeGuard(o.report_stream or sys.stdout, "stdout")
+    lock = JobLock(sibling(o.output, ".lock"))
     try:
-        job = open_job(o.files, o.model, o.engine_kwargs, o.resume, o.overwrite, stream)
-    except UsageError as e:
+        lock.acquire()
+    except (LockHeld, OSError) as e:
         print(f"batchllm run-batch: error: {e}", file=stream, flush=True)
         return EXIT_USAGE
-    return _Job(o, job, stream).run()
+    try:
+        try:
+            job = open_job(o.files, o.model, o.engine_kwargs, o.resume, o.overwrite, stream)
+        except UsageError as e:
+            print(f"batchllm run-batch: error: {e}", file=stream, flush=True)
+            return EXIT_USAGE
+        _mark_killed_runs(job)
+        return _Job(o, job, stream, report).run()
+    finally:
+        lock.release()
+
+
+def _mark_killed_runs(job: OpenedJob) -> None:
+    """An earlier run still logged "running" ended without recording it (SIGKILL, out of memory,
+    power loss): we hold the lock, so it is not running. Saved with this run's entry."""
+    for r in job.manifest.runs:
+        if r.get("status") == "running":
+            r["status"] = "killed"
+            r["note"] = "ended without recording its end (killed or crashed); found by the next run"
 
 
 class _Job:
-    def __init__(self, o: JobOptions, job: OpenedJob, stream: TextIO) -> None:
+    def __init__(self, o: JobOptions, job: OpenedJob, stream: PipeGuard, report: PipeGuard) -> None:
         self.o, self.job, self.stream, self.files = o, job, stream, o.files
+        self.report_stream = report
         self.t0 = time.monotonic()
         self.load_s = 0.0
         self.ok_run = self.failed_run = self.remaining = 0
@@ -171,11 +195,14 @@ class _Job:
                         total_time_s=time.monotonic() - self.t0, load_time_s=self.load_s, run=self.stats,
                         files={"results": str(f.output), "errors": str(f.errors), "manifest": str(f.manifest)},
                         message=message)
+        print(report.text(), file=self.report_stream, flush=True)
+        broken = [g.name for g in (self.stream, self.report_stream) if g.broken]
         if self.manifest_saved:
             self.run_entry.update(status=status, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), ok=self.ok_run,
                                   failed=self.failed_run)
+            if broken:  # the job kept going; its log or report went nowhere from then on
+                self.run_entry["broken_pipe"] = broken
             job.manifest.save(f.manifest)
-        print(report.text(), file=self.o.report_stream or sys.stdout, flush=True)
         if f.stats_json is not None:
             f.stats_json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         if status == "complete" and ok == 0 and failed:
