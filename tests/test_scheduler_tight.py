@@ -138,3 +138,19 @@ def test_outgrowing_the_estimate_grows_on_demand_and_preempts() -> None:
     pool fills, the youngest sequences are preempted and recomputed, and everything finishes."""
     r = _chat_run(max_tokens=8192 - 30, produced=600, pool=1000)
     assert r["peak"] <= 1000 and r["preemptions"] > 0
+
+
+def test_output_estimate_is_a_quantile_of_the_last_outputs() -> None:
+    from batchllm.scheduler.estimate import MIN_SEEN, PRIOR, WINDOW, OutputEstimate
+
+    e = OutputEstimate()
+    for n in range(MIN_SEEN - 1):
+        e.observe(1000 + n)
+    assert e.tokens == PRIOR  # too few seen
+    e = OutputEstimate()
+    for n in range(1, 101):
+        e.observe(n)
+    assert e.tokens == 91  # the 0.9 quantile of 1..100
+    for _ in range(WINDOW):
+        e.observe(7)
+    assert e.tokens == 7  # the old outputs left the window

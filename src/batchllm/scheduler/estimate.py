@@ -14,6 +14,7 @@ deterministic, so runs stay reproducible.
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 
 PRIOR = 256  # tokens expected of an output before enough have finished
@@ -25,14 +26,18 @@ QUANTILE = 0.9
 class OutputEstimate:
     def __init__(self, prior: int = PRIOR) -> None:
         self.prior = prior
-        self._seen: deque[int] = deque(maxlen=WINDOW)
+        self._seen: deque[int] = deque()  # the last WINDOW outputs, in finish order
+        self._sorted: list[int] = []  # the same, sorted
         self._value = prior
 
     def observe(self, num_output_tokens: int) -> None:
         self._seen.append(num_output_tokens)
-        if len(self._seen) >= MIN_SEEN:
-            ordered = sorted(self._seen)
-            self._value = ordered[min(len(ordered) - 1, int(QUANTILE * len(ordered)))]
+        bisect.insort(self._sorted, num_output_tokens)
+        if len(self._seen) > WINDOW:
+            del self._sorted[bisect.bisect_left(self._sorted, self._seen.popleft())]
+        n = len(self._sorted)
+        if n >= MIN_SEEN:
+            self._value = self._sorted[min(n - 1, int(QUANTILE * n))]
 
     @property
     def tokens(self) -> int:
