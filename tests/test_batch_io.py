@@ -192,13 +192,14 @@ def test_prepare_matches_tokenizer_and_validates(model: Path) -> None:
         parsed(req({"messages": chat}, "/v1/chat/completions"), 2),
         parsed(req({"prompt": "word " * 80}), 3),  # longer than max_model_len
         parsed(req({"prompt": [5, 99999]}), 4),  # token id out of vocab
-        parsed(req({"prompt": "hello", "max_tokens": 60}), 5),  # prompt + max_tokens exceed the KV pool
+        parsed(req({"prompt": [5] * 50}), 5),  # longer than the KV pool, shorter than max_model_len
         parsed(req({"messages": [{"role": "user", "content": "hello " * 8}], "min_tokens": 40},
                    "/v1/chat/completions"), 6),  # too little room left for min_tokens
         parsed(req({"prompt": ["a b", "c"], "max_tokens": 2, "n": 2}), 7),
+        parsed(req({"prompt": "hello", "max_tokens": 60}), 8),  # capped at the pool when it runs, not an error
     ]
     prepared, errors = prepare(reqs, tok, limits, engine_seed=0)
-    assert [p.request.line for p in prepared] == [1, 2, 7]
+    assert [p.request.line for p in prepared] == [1, 2, 7, 8]
     assert [(e.line, e.code) for e in errors] == [(3, "invalid_prompt"), (4, "invalid_prompt"),
                                                   (5, "invalid_prompt"), (6, "invalid_value")]
     assert "max_model_len is 64" in errors[0].message and "[0, " in errors[1].message
@@ -207,7 +208,7 @@ def test_prepare_matches_tokenizer_and_validates(model: Path) -> None:
     assert prepared[1].prompt_ids == [tok.encode_chat(chat)]
     # chat without max_tokens: the rest of min(max_model_len, KV pool)
     assert prepared[1].params[0].max_tokens == 48 - len(tok.encode_chat(chat))
-    assert [u.request for u in units_of(prepared)] == [0, 1, 2, 2]
+    assert [u.request for u in units_of(prepared)] == [0, 1, 2, 2, 3]
 
 
 def test_prepare_seeds_are_stable_per_prompt(model: Path) -> None:

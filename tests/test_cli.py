@@ -287,6 +287,9 @@ def test_resume_after_sigkill(model: Path, tmp_path: Path, capsys: pytest.Captur
     assert f"{done} before" in stdout
     got = ids(out)
     assert len(got) == len(set(got)) == n and sorted(got) == sorted(f"r{i}" for i in range(n))
+    # the killed run could not record its end; the resume found it and marked it
+    runs = json.loads((tmp_path / "out.manifest.json").read_text())["runs"]
+    assert [r["status"] for r in runs] == ["killed", "complete"]
     assert [e["line"] for e in records(tmp_path / "out.errors.jsonl")] == [n + 1]
     ref = tmp_path / "ref.jsonl"
     assert cli(capsys, "run-batch", "-i", inp, "-o", ref, "--model", model, *flags)[0] == 0
@@ -406,3 +409,85 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith("batchllm ")
+
+
+# ---- capacity: a max_tokens nothing can hold, a group that cannot share ---------------------------
+def test_huge_max_tokens_is_capped_not_fatal(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One line asks for 100,000 tokens: before, the whole job died ("KV pool too small: group 0
+    needs ... blocks", exit 1, no results). Now it ends with "length" at the context and the rest
+    run as usual; `plan` warns about the cap."""
+    d = docs(1, 30)[0]
+    lines = [openai(f"r{i}", {"prompt": f"{d} question {i}", "max_tokens": 4, "temperature": 0}) for i in range(3)]
+    lines.append(openai("huge", {"prompt": f"{d} question huge", "max_tokens": 100_000, "temperature": 0,
+                                 "ignore_eos": True}))
+    inp = write(tmp_path / "in.jsonl", lines)
+    code, stdout, _ = cli(capsys, "plan", "-i", inp, "--model", model, "--max-model-len", "64", *ENGINE)
+    assert code == 0 and "Warning: 1 sequence(s) ask for more output than fits" in stdout
+    out = tmp_path / "out.jsonl"
+    code, _, err = cli(capsys, "run-batch", "-i", inp, "-o", out, "--model", model, "--max-model-len", "64", *ENGINE)
+    assert code == 0, err
+    got = choices(out)
+    assert sorted(got) == ["huge", "r0", "r1", "r2"]
+    huge = next(r for r in records(out) if r["custom_id"] == "huge")["response"]["body"]
+    assert huge["choices"][0]["finish_reason"] == "length"
+    assert huge["usage"]["prompt_tokens"] + huge["usage"]["completion_tokens"] == 64
+
+
+def test_plan_warns_about_a_group_that_runs_unshared(model: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Three requests share a long prefix; the pool holds any one of them but not the prefix's
+    blocks beside a member's own: `plan` says the group runs unshared, and run-batch completes."""
+    d = docs(1, 60)[0]
+    lines = [openai(f"r{i}", {"prompt": f"{d} question {i}", "max_tokens": 24, "temperature": 0,
+                              "ignore_eos": True}) for i in range(3)]
+    inp = write(tmp_path / "in.jsonl", lines)
+    n = len(Tokenizer(model).encode(f"{d} question 0"))
+    blocks = -(-(n + 24) // 8)  # one member alone, not the prefix's partial block beside it
+    opts = ["--block-size", "8", "--num-kv-blocks", str(blocks)]
+    code, stdout, _ = cli(capsys, "plan", "-i", inp, "--model", model, *opts)
+    assert code == 0 and "1 prefix-sharing group(s) cannot hold their prefix" in stdout, stdout
+    out = tmp_path / "out.jsonl"
+    code, _, err = cli(capsys, "run-batch", "-i", inp, "-o", out, "--model", model, *opts)
+    assert code == 0, err
+    assert sorted(ids(out)) == ["r0", "r1", "r2"]
+
+
+# ---- one job per output; a closed pipe does not end the job ---------------------------------------
+def test_second_run_on_the_same_output_is_refused(model: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A retrying scheduler starts `--resume` while the first run still runs: before, both wrote
+    results (custom_ids twice). Now the second is refused (exit 2) and the first completes alone."""
+    n = 48
+    inp = long_batch(tmp_path / "in.jsonl", n=n)
+    out = tmp_path / "out.jsonl"
+    flags = [*ENGINE, "--max-num-seqs", "4"]
+    proc = _subprocess_run(["run-batch", "-i", inp, "-o", out, "--model", model, *flags])
+    _wait_for_lines(proc, out, n)
+    code, _, err = cli(capsys, "run-batch", "-i", inp, "-o", out, "--model", model, *flags, "--resume")
+    assert code == 2 and f"another run-batch (pid {proc.pid}) is running on this output" in err, err
+    code, _, err = cli(capsys, "run-batch", "-i", inp, "-o", out, "--model", model, *flags, "--overwrite")
+    assert code == 2, err
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    got = ids(out)
+    assert len(got) == len(set(got)) == n
+    # the lock went with the process: a later resume is allowed (and finds everything done)
+    code, _, err = cli(capsys, "run-batch", "-i", inp, "-o", out, "--model", model, *flags, "--resume")
+    assert code == 0 and "every request is already done" in err, err
+
+
+def test_closed_stdout_and_stderr_do_not_end_the_job(model: Path, tmp_path: Path) -> None:
+    """The job's stdout and stderr are pipes whose readers go away at once: before, the first log
+    line raised BrokenPipeError and the job died with its manifest entry "running". Now it runs
+    to the end, writes every result and notes the broken pipes in the manifest."""
+    n = 12
+    inp = long_batch(tmp_path / "in.jsonl", n=n, max_tokens=8)
+    out = tmp_path / "out.jsonl"
+    proc = _subprocess_run(["run-batch", "-i", inp, "-o", out, "--model", model, *ENGINE, "--log-interval", "0"])
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    proc.stderr.close()
+    assert proc.wait(timeout=300) == 0
+    assert sorted(ids(out)) == sorted(f"r{i}" for i in range(n))
+    run = json.loads((tmp_path / "out.manifest.json").read_text())["runs"][-1]
+    assert run["status"] == "complete" and set(run["broken_pipe"]) == {"stderr", "stdout"}

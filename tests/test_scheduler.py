@@ -267,10 +267,13 @@ def test_pool_too_small_for_prefix_plus_member(llama_dir: Path) -> None:
     small = LLM(str(llama_dir), dtype="float32", num_kv_blocks=4)
     plan = small.plan(prompts, params)
     assert [g.prefix_len for g in plan.groups] == [40]
-    with pytest.raises(ValueError, match="KV pool") as e:
-        small.generate(prompts, params, use_tqdm=False)
-    assert "4 blocks" in str(e.value)
-    assert small.last_run_stats.steps == 0 and small.last_run_stats.output_tokens == 0  # before running
+    # the group cannot share in 4 blocks: its members run unshared, one at a time (a member alone
+    # needs 4), each computing its whole prompt; no exception for the batch
+    outs = generate_bounded(small, prompts, params)
+    assert tokens(outs) == reference
+    assert [o.num_cached_tokens for o in outs] == [0, 0, 0]
+    assert small.last_run_stats.computed_prefill_tokens == 3 * 50
+    assert small.last_run_stats.kv_blocks_in_use_at_end == 0
 
     # one block more fits: it finishes (members one at a time) with the same outputs
     fits = LLM(str(llama_dir), dtype="float32", num_kv_blocks=5)
@@ -302,13 +305,36 @@ def test_later_prefix_does_not_starve_an_earlier_group(llama_dir: Path) -> None:
 
 
 def test_pool_smaller_than_one_request(llama_dir: Path) -> None:
-    """A prompt plus its max_tokens larger than the whole pool is rejected before running, under
-    every policy, naming the prompt and the pool."""
+    """A prompt that leaves no room in the pool for one output token is rejected before running,
+    under every policy, naming the prompt and the pool."""
     for policy in ("batchllm", "fcfs", "fcfs-lru", "lpm"):
         llm = LLM(str(llama_dir), dtype="float32", num_kv_blocks=3, policy=policy)
-        with pytest.raises(ValueError, match=r"prompt 1: .*KV pool"):
-            llm.generate([[5] * 10, [6] * 45], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+        with pytest.raises(ValueError, match=r"prompt 1: .*KV pool holds 48"):
+            llm.generate([[5] * 10, [6] * 48], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
         assert llm.last_run_stats is None
+
+
+def test_max_tokens_beyond_the_pool_or_context_is_capped(llama_dir: Path) -> None:
+    """A max_tokens the pool (or the context) can never hold is capped there: the sequence ends
+    with "length" when it fills them, its tokens the reference's first ones; the other requests
+    run as they would alone. Before, the batch raised ("group needs ... blocks") or was rejected."""
+    prompts = [[5] * 10, [6] * 45, [7] * 20]
+    params = [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=100_000, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)]
+    ref = tokens(LLM(str(llama_dir), dtype="float32", num_kv_blocks=64, policy="fcfs").generate(
+        prompts, [params[0], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), params[2]],
+        use_tqdm=False))
+    for policy in ("batchllm", "fcfs", "fcfs-lru", "lpm"):
+        llm = LLM(str(llama_dir), dtype="float32", num_kv_blocks=3, policy=policy)  # 48 tokens
+        outs = generate_bounded(llm, prompts, params)
+        assert tokens(outs) == ref, policy
+        assert [o.outputs[0].finish_reason for o in outs] == ["length"] * 3
+        assert llm.last_run_stats.kv_blocks_in_use_at_end == 0
+    # the context caps it the same way (max_model_len 30 < pool 64 * 16)
+    llm = LLM(str(llama_dir), dtype="float32", num_kv_blocks=64, max_model_len=30)
+    out = generate_bounded(llm, [[5] * 10], [SamplingParams(temperature=0, max_tokens=10**9, ignore_eos=True)])
+    assert len(out[0].outputs[0].token_ids) == 20 and out[0].outputs[0].finish_reason == "length"
 
 
 @pytest.mark.parametrize("name", ["batchllm", "partial-block-recompute", "no-memory-centric", "no-decode-ratio-order",
@@ -436,6 +462,23 @@ _SELF_PREEMPTING_PREFIX = (
        budget=st.sampled_from([8, 32, 2048]), extra=st.integers(0, 6))
 def test_random_workloads_in_tight_pools(llama_dir: Path, reference_llm: LLM, work: tuple, config: dict,
                                          block_size: int, budget: int, extra: int) -> None:
+    check_tight_pool_run(llama_dir, reference_llm, work, config, block_size, budget, extra)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(work=workloads(), block_size=st.sampled_from([4, 8, 16]), budget=st.sampled_from([8, 32, 2048]),
+       extra=st.integers(0, 3))
+def test_random_workloads_in_tight_pools_without_memory_centric(llama_dir: Path, reference_llm: LLM, work: tuple,
+                                                                block_size: int, budget: int, extra: int) -> None:
+    """The same property on `memory_centric=False` alone (admission bounded by the request cap and
+    the allocation only), in the tightest pools."""
+    check_tight_pool_run(llama_dir, reference_llm, work, dict(policy="batchllm", memory_centric=False), block_size,
+                         budget, extra)
+
+
+def check_tight_pool_run(llama_dir: Path, reference_llm: LLM, work: tuple, config: dict, block_size: int,
+                         budget: int, extra: int) -> None:
     prompts, params = work
     reference = tokens(reference_llm.generate(prompts, params, use_tqdm=False))
     seq_params = [p for p in params for _ in range(p.n)]
@@ -448,10 +491,7 @@ def test_random_workloads_in_tight_pools(llama_dir: Path, reference_llm: LLM, wo
         plan = llm.plan(prompts, params)
         need = _group_need(plan.groups, seq_lens, [p.max_tokens for p in seq_params], block_size)
         if need > pool:
-            with pytest.raises(ValueError, match="KV pool too small"):
-                llm.generate(prompts, params, use_tqdm=False)
-            event("pool too small for a group")
-            return
+            event("pool too small for a group: it runs unshared")
     outs = generate_bounded(llm, prompts, params)
     assert tokens(outs) == reference
     stats = llm.last_run_stats
@@ -461,5 +501,5 @@ def test_random_workloads_in_tight_pools(llama_dir: Path, reference_llm: LLM, wo
     no_preemption = stats.computed_prefill_tokens + stats.output_tokens - len(seq_params)
     assert no_preemption - stats.preemptions <= sum(stats.tokens_per_step) <= no_preemption
     event("preempted" if stats.preemptions else "no preemption")
-    if config["policy"] == "batchllm" and stats.preemptions == 0:
+    if config["policy"] == "batchllm" and stats.preemptions == 0 and need <= pool:
         assert stats.computed_prefill_tokens == plan.stats.planned_prefill_tokens

@@ -24,10 +24,10 @@ def main() -> None:
     args = ap.parse_args()
     spec = load_spec(args.spec)
 
+    import batchllm  # first: it sets the OpenMP wait policy before torch loads libgomp (batchllm/openmp.py)
+    from batchllm import LLM, SamplingParams
     import torch
     torch.set_num_threads(spec.threads)
-    import batchllm
-    from batchllm import LLM, SamplingParams
 
     block = 16
     kwargs = dict(dtype=spec.dtype, num_kv_blocks=spec.kv_tokens // block, block_size=block, policy=args.policy)

@@ -6,6 +6,10 @@
 
 from typing import TYPE_CHECKING
 
+from batchllm.openmp import prefer_passive_wait
+
+prefer_passive_wait()  # before anything loads torch (and with it libgomp): see openmp.py
+
 from batchllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, RunStats
 from batchllm.sampling_params import SamplingParams, StructuredOutputsParams
 

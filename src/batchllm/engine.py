@@ -81,7 +81,7 @@ class Engine:
         `should_stop` is asked before every step; when it says yes, nothing new is admitted and
         the run ends after the current step (unfinished sequences are not yielded).
         """
-        sched = make_scheduler(self.config, self.num_blocks, seqs, plan)
+        sched = make_scheduler(self.config, self.num_blocks, seqs, plan, self.limits.max_context)
         stats.num_kv_blocks, stats.block_size = self.num_blocks, self.config.block_size
         stats.policy = self.config.policy
         masks = None
@@ -154,6 +154,8 @@ class Engine:
                     at, s = min(hits)
                     end = at + len(s) if p.include_stop_str_in_output else at
                     reason, seq.stop_reason, seq.stop_text = "stop", s, text[:end]
-        if reason is None and (n_out >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+        # NOTE: max_context (the context or the pool, whichever is smaller) caps a max_tokens beyond
+        # it: a longer sequence could never get its KV (capacity.py).
+        if reason is None and (n_out >= p.max_tokens or seq.num_tokens >= self.limits.max_context):
             reason = "length"
         return reason

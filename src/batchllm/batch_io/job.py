@@ -2,7 +2,7 @@
 
 Exit codes: 0 done (bad input lines are error records, not failures; an empty input is a
 warning), 1 engine failure, or no request of the file succeeded, 2 usage error or refusal (OUT
-exists, resume mismatch), 130 interrupted (SIGINT/SIGTERM).
+exists, resume mismatch, another run holds OUT's lock), 130 interrupted (SIGINT/SIGTERM/SIGHUP).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Any, TextIO
 
 from batchllm.outputs import RequestOutput, RunStats
 
+from .lock import JobLock, LockHeld
+from .pipes import PipeGuard
 from .prepare import Prepared, paused_gc, prepare, units_of
 from .progress import Progress, Report, log
 from .requests import BatchRequest, ErrorRecord
@@ -56,18 +58,41 @@ class JobOptions:
 
 def run_batch(o: JobOptions) -> int:
     """Run the job described by `o`; returns the exit code (see module docstring)."""
-    stream = o.stream or sys.stderr
+    stream = PipeGuard(o.stream or sys.stderr, "stderr")
+    # NOTE: with `-o -` stdout carries the results alone; the report goes to stderr.
+    to_stdout = o.output == STDOUT
+    report = PipeGuard(o.report_stream or (sys.stderr if to_stdout else sys.stdout), "stderr" if to_stdout else "stdout")
+    lock = JobLock(None if to_stdout else sibling(o.output, ".lock"))  # `-o -` writes no file to guard
     try:
-        job = open_job(o.files, o.model, o.engine_kwargs, o.resume, o.overwrite, stream)
-    except UsageError as e:
+        lock.acquire()
+    except (LockHeld, OSError) as e:
         print(f"batchllm run-batch: error: {e}", file=stream, flush=True)
         return EXIT_USAGE
-    return _Job(o, job, stream).run()
+    try:
+        try:
+            job = open_job(o.files, o.model, o.engine_kwargs, o.resume, o.overwrite, stream)
+        except UsageError as e:
+            print(f"batchllm run-batch: error: {e}", file=stream, flush=True)
+            return EXIT_USAGE
+        _mark_killed_runs(job)
+        return _Job(o, job, stream, report).run()
+    finally:
+        lock.release()
+
+
+def _mark_killed_runs(job: OpenedJob) -> None:
+    """An earlier run still logged "running" ended without recording it (SIGKILL, out of memory,
+    power loss): we hold the lock, so it is not running. Saved with this run's entry."""
+    for r in job.manifest.runs:
+        if r.get("status") == "running":
+            r["status"] = "killed"
+            r["note"] = "ended without recording its end (killed or crashed); found by the next run"
 
 
 class _Job:
-    def __init__(self, o: JobOptions, job: OpenedJob, stream: TextIO) -> None:
+    def __init__(self, o: JobOptions, job: OpenedJob, stream: PipeGuard, report: PipeGuard) -> None:
         self.o, self.job, self.stream, self.files = o, job, stream, o.files
+        self.report_stream = report
         self.t0 = time.monotonic()
         self.load_s = 0.0
         self.ok_run = self.failed_run = self.remaining = 0
@@ -185,13 +210,14 @@ class _Job:
                         files={"results": _name(f.output), "errors": _name(f.errors),
                                "manifest": _name(f.manifest)},
                         message=message)
+        print(report.text(), file=self.report_stream, flush=True)
+        broken = [g.name for g in (self.stream, self.report_stream) if g.broken]
         if self.manifest_saved and f.manifest is not None:
             self.run_entry.update(status=status, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), ok=self.ok_run,
                                   failed=self.failed_run)
+            if broken:  # the job kept going; its log or report went nowhere from then on
+                self.run_entry["broken_pipe"] = broken
             job.manifest.save(f.manifest)
-        # NOTE: with `-o -` stdout carries the results alone; the report goes to stderr.
-        report_stream = self.o.report_stream or (sys.stderr if f.to_stdout else sys.stdout)
-        print(report.text(), file=report_stream, flush=True)
         if f.stats_json is not None:
             f.stats_json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         if status == "complete" and ok == 0 and failed:

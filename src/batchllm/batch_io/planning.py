@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from batchllm.batch_plan import plan_batch
+from batchllm.capacity import capacity_warnings, final_tokens
 from batchllm.config import EngineConfig
 from batchllm.limits import Limits, limits_of_config
 from batchllm.planner import Plan
@@ -31,6 +32,7 @@ class PlanReport:
     batch_kv_tokens: int
     seconds: float
     invalid_examples: list[str]  # the first few error messages
+    warnings: list[str] = field(default_factory=list)  # capped max_tokens, groups run unshared
 
     def to_dict(self) -> dict[str, Any]:
         return {"lines": self.lines, "requests": self.requests, "invalid": self.invalid,
@@ -39,7 +41,7 @@ class PlanReport:
                 "kv": {"bytes_per_token": self.limits.kv_bytes_per_token, "pool_tokens": self.limits.kv_pool_tokens,
                        "largest_sequence_tokens": self.largest_seq_kv_tokens, "batch_tokens": self.batch_kv_tokens,
                        "batch_bytes": self.batch_kv_tokens * self.limits.kv_bytes_per_token},
-                "seconds": self.seconds, "invalid_examples": self.invalid_examples}
+                "seconds": self.seconds, "invalid_examples": self.invalid_examples, "warnings": self.warnings}
 
     def text(self) -> str:
         per = self.limits.kv_bytes_per_token
@@ -52,6 +54,7 @@ class PlanReport:
             f"once, every max_tokens) {self.batch_kv_tokens:,} tokens = {_size(self.batch_kv_tokens * per)}; "
             f"pool {self.limits.kv_pool_tokens:,} tokens = {_size(self.limits.kv_pool_tokens * per)}"
             + (f" (~{waves} waves)" if waves > 1 else ""),
+            *[f"Warning: {w}" for w in self.warnings],
             *(["Invalid lines (run-batch writes them to the error file), e.g.:"]
               + [f"  {m}" for m in self.invalid_examples] if self.invalid_examples else []),
         ])
@@ -80,8 +83,13 @@ def _report(parsed: ParsedFile, prepared: list[Prepared], bad: list[ErrorRecord]
     prompt_ids = [ids for p in prepared for ids in p.prompt_ids]
     params = [sp for p in prepared for sp in p.params]
     plan = plan_batch(cfg, prompt_ids, params)
-    largest = max((min(len(ids) + sp.max_tokens, limits.max_model_len) for ids, sp in zip(prompt_ids, params)),
-                  default=0)
-    batch_kv = plan.stats.planned_prefill_tokens + sum(sp.max_tokens * sp.n for sp in params)
+    finals = [final_tokens(len(ids), sp.max_tokens, limits.max_context) for ids, sp in zip(prompt_ids, params)]
+    largest = max(finals, default=0)
+    batch_kv = plan.stats.planned_prefill_tokens + sum((f - len(ids)) * sp.n
+                                                       for f, ids, sp in zip(finals, prompt_ids, params))
+    seq_lens = [len(ids) for ids, sp in zip(prompt_ids, params) for _ in range(sp.n)]
+    seq_max = [sp.max_tokens for sp in params for _ in range(sp.n)]
+    warnings = capacity_warnings([(g.shared, g.prefix_len, g.members) for g in plan.groups], seq_lens, seq_max,
+                                 limits.max_context, limits.block_size, limits.num_kv_blocks)
     return PlanReport(parsed.num_lines, len(parsed.items), len(bad), sum(sp.n for sp in params), plan, limits,
-                      largest, batch_kv, time.monotonic() - t0, [e.message for e in bad[:5]])
+                      largest, batch_kv, time.monotonic() - t0, [e.message for e in bad[:5]], warnings)

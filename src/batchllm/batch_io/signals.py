@@ -1,4 +1,4 @@
-"""SIGINT/SIGTERM during a job: stop after the current engine step, keep what is finished."""
+"""SIGINT/SIGTERM/SIGHUP during a job: stop after the current engine step, keep what is finished."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from .progress import log
 
 
 class StopSignals:
-    """While `running`, the first SIGINT/SIGTERM only records itself (the engine polls
+    """While `running`, the first SIGINT/SIGTERM/SIGHUP (its terminal went away) only records itself (the engine polls
     `requested` every step and stops admitting, ending the run after that step). Outside the
     run (loading, tokenizing) or on a second signal, KeyboardInterrupt is raised at once.
     Handlers are installed only in the main thread and restored on exit."""
@@ -32,7 +32,7 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
+            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 self._old[s] = signal.signal(s, self._handle)
         return self
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from batchllm.capacity import final_tokens, group_fits
 from batchllm.scheduler.block_manager import BlockManager
+from batchllm.scheduler.estimate import OutputEstimate
 from batchllm.scheduler.groups import GroupState
 from batchllm.scheduler.scheduler import FROM_SCRATCH, Start
 from batchllm.sequence import Sequence
@@ -24,48 +26,65 @@ class GroupPolicy:
     - The prefix blocks are pinned until the group's last member finishes (the scheduler never
       preempts a prefix to make room for another sequence).
     - With `memory_centric`, admission is bounded by KV memory, `used + reserve + need <=
-      threshold * pool` (reserve = blocks running sequences will still grow by, assuming they
-      produce `max_tokens`), not by a request cap.
+      threshold * pool` (reserve = blocks running sequences are still expected to grow by,
+      `estimate.py`), not by a request cap. A sequence that outgrows its estimate grows on
+      demand, and the scheduler preempts when the pool runs out.
+    - The no-stall rules (`_prefixes_fit`, the ungrouped rule in `allows`) count each sequence at
+      its longest (`_final_blocks`: prompt + `max_tokens`, capped at `max_context`), so one
+      sequence can always run to its end beside the pinned prefixes.
+    - A group whose prefix cannot fit beside its largest member runs unshared
+      (`GroupState.unshare`); `max_context` (at most the pool) caps every sequence, so every
+      sequence fits alone. Build the policy before the `PlanQueue` over its groups.
     """
 
     def __init__(self, block_manager: BlockManager, groups: list[GroupState], memory_centric: bool,
-                 kv_threshold: float) -> None:
+                 kv_threshold: float, max_context: int | None = None) -> None:
         self.bm = block_manager
         self.groups = groups
         self.memory_centric = memory_centric
         self.limit_blocks = int(kv_threshold * block_manager.num_blocks)
-        self._by_gid = {g.gid: g for g in self.groups}
-        # per group: its largest member's own part, and the own parts of its MEMBERS_WITH_PREFIX smallest
+        pool_tokens = block_manager.num_blocks * block_manager.block_size
+        self.max_context = pool_tokens if max_context is None else min(max_context, pool_tokens)
+        self.estimate = OutputEstimate()
+        self.unshared: list[int] = []  # gids of the groups run unshared because they cannot fit
+        self._unshare_what_cannot_fit()
+        self._by_gid = {g.gid: g for g in self.groups if g.prefix is not None}
+        # per group: its largest member's own part, and its MEMBERS_WITH_PREFIX smallest members
         self._max_own = {g.gid: max(self._own_need(m, g) for m in g.members) for g in self.groups}
-        self._first_members = {g.gid: sum(sorted(self._own_need(m, g) for m in g.members)[:MEMBERS_WITH_PREFIX])
+        self._first_members = {g.gid: sorted(g.members, key=lambda m, g=g: self._own_need(m, g))[:MEMBERS_WITH_PREFIX]
                                for g in self.groups}
         self._live: dict[int, GroupState] = {}  # started groups whose prefix is pinned
         self._pinned = 0  # blocks of their prefixes (at full length)
-        self._check_fits()
 
     # ---- memory rules -----------------------------------------------------------------------
+    def _final_tokens(self, seq: Sequence) -> int:
+        return final_tokens(seq.num_prompt_tokens, seq.params.max_tokens, self.max_context)
+
     def _final_blocks(self, seq: Sequence) -> int:
-        """Blocks `seq` holds when it has produced `max_tokens` (shared prefix blocks included)."""
-        return self.bm.blocks_for(seq.num_prompt_tokens + seq.params.max_tokens)
+        """Blocks `seq` holds at its longest (shared prefix blocks included)."""
+        return self.bm.blocks_for(self._final_tokens(seq))
+
+    def _expected_blocks(self, seq: Sequence) -> int:
+        """Blocks `seq` is expected to hold when it finishes: its estimated output, at least one
+        more token than it has, at most its longest."""
+        expected = max(seq.num_tokens + 1, seq.num_prompt_tokens + self.estimate.tokens)
+        return self.bm.blocks_for(min(expected, self._final_tokens(seq)))
 
     def _own_need(self, seq: Sequence, g: GroupState) -> int:
         shared = g.prefix_len // self.bm.block_size if g.prefix is not None else 0
         return self._final_blocks(seq) - shared
 
-    def _check_fits(self) -> None:
-        """Raise ValueError before running if some group's prefix plus one member cannot fit."""
+    def _unshare_what_cannot_fit(self) -> None:
+        """A shared group whose prefix plus its largest member cannot fit in the pool runs its
+        members unshared (each fits alone: `max_context` is at most the pool)."""
         for g in self.groups:
-            prefix = self.bm.blocks_for(g.prefix_len) if g.prefix is not None else 0
-            need = prefix + self._max_own[g.gid]
-            if need > self.bm.num_blocks:
-                raise ValueError(
-                    f"KV pool too small: group {g.gid} needs {need} blocks for its {g.prefix_len}-token "
-                    f"prefix plus one member, but the pool has {self.bm.num_blocks} blocks of "
-                    f"{self.bm.block_size} tokens; raise kv_cache_memory/num_kv_blocks or lower max_tokens"
-                )
+            if g.prefix is not None and not group_fits(g.prefix_len, [self._final_tokens(m) for m in g.members],
+                                                       self.bm.block_size, self.bm.num_blocks):
+                g.unshare()
+                self.unshared.append(g.gid)
 
     def _reserve_blocks(self, running: list[Sequence]) -> int:
-        return sum(max(0, self._final_blocks(s) - len(s.block_table)) for s in running if not s.is_prefix)
+        return sum(max(0, self._expected_blocks(s) - len(s.block_table)) for s in running if not s.is_prefix)
 
     def _prefixes_fit(self, g: GroupState, running: list[Sequence], preempted: Iterable[Sequence]) -> bool:
         """Starting `g`'s prefix keeps every started sequence runnable: the prefixes pinned so far,
@@ -102,9 +121,11 @@ class GroupPolicy:
             return True  # the allocation itself decides (and an idle engine always admits)
         g = self._by_gid.get(seq.group_id)
         if seq.is_prefix:
-            need = len(seq.block_table) + self.bm.blocks_for(seq.num_tokens) + self._first_members[g.gid]
+            shared = g.prefix_len // self.bm.block_size
+            first = sum(self._expected_blocks(m) - shared for m in self._first_members[g.gid])
+            need = len(seq.block_table) + self.bm.blocks_for(seq.num_tokens) + first
         else:
-            need = max(0, self._final_blocks(seq) - len(seq.block_table))
+            need = max(0, self._expected_blocks(seq) - len(seq.block_table))
         return self.bm.num_used_blocks + self._reserve_blocks(running) + need <= self.limit_blocks
 
     def admitted(self, seq: Sequence) -> None:
@@ -117,6 +138,8 @@ class GroupPolicy:
 
     def finished(self, seq: Sequence) -> None:
         """The group's last member to finish releases the prefix blocks."""
+        if not seq.is_prefix:
+            self.estimate.observe(seq.num_output_tokens)
         g = self._by_gid.get(seq.group_id)
         if g is None:
             return

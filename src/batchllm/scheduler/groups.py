@@ -24,6 +24,13 @@ class GroupState:
     waiting: deque[Sequence] = field(default_factory=deque)
     alive: int = 0
 
+    def unshare(self) -> None:
+        """Run the members without the shared prefix (before any of them starts): each computes
+        its whole prompt, as an unshared group's members do."""
+        self.prefix, self.prefix_len = None, 0
+        for m in self.members:
+            m.group_id = -1
+
     @property
     def prefix_done(self) -> bool:
         return self.prefix is None or self.prefix.num_computed_tokens == self.prefix.num_tokens

@@ -12,8 +12,10 @@ from batchllm.scheduler.scheduler import CachePolicy, Policy, Scheduler
 from batchllm.sequence import Sequence
 
 
-def make_scheduler(config: EngineConfig, num_blocks: int, seqs: list[Sequence], plan: Plan | None) -> Scheduler:
-    """A scheduler loaded with `seqs` (in input order); `plan` is required by `batchllm`.
+def make_scheduler(config: EngineConfig, num_blocks: int, seqs: list[Sequence], plan: Plan | None,
+                   max_context: int | None = None) -> Scheduler:
+    """A scheduler loaded with `seqs` (in input order); `plan` is required by `batchllm`;
+    `max_context`: the longest a sequence grows (the engine ends it there; default the pool).
 
     Each policy is one `Scheduler` (the step loop) built from a waiting queue and a `Policy`:
     - fcfs: `FcfsQueue` (input order), `CachePolicy` over a block manager without caching;
@@ -29,8 +31,8 @@ def make_scheduler(config: EngineConfig, num_blocks: int, seqs: list[Sequence], 
         if plan is None:
             raise ValueError("the batchllm policy needs a plan")
         groups = build_groups(plan, seqs)
-        queue = PlanQueue(groups)
-        policy = GroupPolicy(bm, groups, config.memory_centric, config.kv_threshold)
+        policy = GroupPolicy(bm, groups, config.memory_centric, config.kv_threshold, max_context)
+        queue = PlanQueue(groups)  # after the policy, which may unshare groups that cannot fit
     else:
         queue = LpmQueue(seqs, bm, config.lpm_window) if config.policy == "lpm" else FcfsQueue(seqs)
         policy = CachePolicy(bm)
