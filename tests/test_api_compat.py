@@ -101,10 +101,14 @@ def test_sampling_params_vllm_fields_only_when_neutral() -> None:
     SamplingParams(presence_penalty=0.0, frequency_penalty=0, repetition_penalty=1.0, include_stop_str_in_output=False,
                    prompt_logprobs=None, detokenize=True)
     for kw in (dict(presence_penalty=0.5), dict(frequency_penalty=-1.0), dict(repetition_penalty=1.1),
-               dict(include_stop_str_in_output=True), dict(prompt_logprobs=0), dict(detokenize=False)):
+               dict(include_stop_str_in_output=True), dict(detokenize=False)):
         name = next(iter(kw))
         with pytest.raises(ValueError, match=f"{name}=.* is not supported by batchllm"):
             SamplingParams(**kw)
+    SamplingParams(prompt_logprobs=0)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="prompt_logprobs must be an integer"):
+            SamplingParams(prompt_logprobs=bad)
 
 
 # ---- prompts ---------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ class SamplingParams:
 
     vLLM fields batchllm does not implement are accepted at their neutral value only
     (`presence_penalty=0`, `frequency_penalty=0`, `repetition_penalty=1`,
-    `include_stop_str_in_output=False`, `prompt_logprobs=None`, `detokenize=True`), so a ported
+    `include_stop_str_in_output=False`, `detokenize=True`), so a ported
     script fails loudly instead of sampling differently.
     """
 
@@ -83,8 +83,10 @@ class SamplingParams:
             p.append("stop_token_ids must be non-negative integers")
         if self.logprobs is not None and (not is_int(self.logprobs) or self.logprobs < 0):
             p.append(f"logprobs must be an integer >= 0, got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (not is_int(self.prompt_logprobs) or self.prompt_logprobs < 0):
+            p.append(f"prompt_logprobs must be an integer >= 0, got {self.prompt_logprobs!r}")
         for name, neutral in (("presence_penalty", 0), ("frequency_penalty", 0), ("repetition_penalty", 1),
-                              ("include_stop_str_in_output", False), ("prompt_logprobs", None), ("detokenize", True)):
+                              ("include_stop_str_in_output", False), ("detokenize", True)):
             value = getattr(self, name)
             if (value is not None) if neutral is None else (value != neutral):
                 p.append(f"{name}={value!r} is not supported by batchllm (only {neutral!r})")
