@@ -131,7 +131,7 @@ def test_file_lines_blank_bom_crlf_and_duplicates(tmp_path: Path) -> None:
      "invalid_request", "unrecognized request argument supplied: body.prompt"),
     (req({"prompt": "x", "max_token": 3}), "invalid_request", "max_token"),
     (req({"prompt": "x", "presence_penalty": 0.5}), "unsupported", "presence_penalty"),
-    (req({"prompt": "x", "echo": True}), "unsupported", "echo"),
+    (req({"prompt": "x", "echo": "yes"}), "invalid_request", "echo must be true or false"),
     (req({"prompt": "x", "best_of": 3}), "unsupported", "best_of"),
     (req({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "/v1/chat/completions"),
      "unsupported", "tools"),

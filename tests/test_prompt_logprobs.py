@@ -128,3 +128,39 @@ def test_loglikelihood_text_pairs(llama_dir: Path) -> None:
     whole = llm.tokenizer.encode("the cat sat on the mat")
     (lp2, _), = llm.loglikelihood([(ctx, whole[len(ctx):])], use_tqdm=False)
     assert lp < 0 and isinstance(greedy, bool) and abs(lp - lp2) < 1e-6
+
+
+def test_completions_echo_returns_prompt_logprobs(llama_dir: Path, tmp_path: Path, capsys) -> None:
+    """`/v1/completions` with `echo: true` and `logprobs: k`: the text and the log-probs start
+    with the prompt's (the first prompt token has null, null), in the completions shape."""
+    import json
+
+    from batchllm.cli import main
+
+    d = "the of and to a in is it that was for on are as with his they at be this have from " * 2
+    prompts = [f"{d} item {i}" for i in range(3)]
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"prompt": p, "max_tokens": 3, "temperature": 0, "echo": True, "logprobs": 2}}
+             for i, p in enumerate(prompts)]
+    lines.append({"custom_id": "plain", "method": "POST", "url": "/v1/completions",
+                  "body": {"prompt": prompts[0], "max_tokens": 3, "temperature": 0, "echo": True}})
+    inp, outp = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert main(["run-batch", "-i", str(inp), "-o", str(outp), "--model", str(llama_dir), "--dtype", "float32"]) == 0
+    got = {r["custom_id"]: r["response"]["body"]["choices"][0] for r in map(json.loads, outp.read_text().splitlines())}
+    llm = LLM(str(llama_dir), dtype="float32", num_kv_blocks=256)
+    want = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=3, logprobs=2, prompt_logprobs=2),
+                        use_tqdm=False)
+    for i, w in enumerate(want):
+        c = got[f"r{i}"]
+        assert c["text"] == prompts[i] + w.outputs[0].text
+        lp = c["logprobs"]
+        n = len(w.prompt_token_ids)
+        assert len(lp["tokens"]) == n + 3 and "".join(lp["tokens"]) == c["text"]
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        for t in range(1, n):
+            want_lp = w.prompt_logprobs[t][w.prompt_token_ids[t]].logprob
+            assert abs(lp["token_logprobs"][t] - want_lp) < 1e-5
+            assert len(lp["top_logprobs"][t]) in (2, 3)
+        assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][n] == len(prompts[i])
+    assert got["plain"]["text"] == prompts[0] + want[0].outputs[0].text and got["plain"]["logprobs"] is None
