@@ -98,3 +98,16 @@ def test_rolling_and_generation_match_hf(models) -> None:
     chat = [{"role": "user", "content": "hi"}]
     assert ours.apply_chat_template(chat) == ours.tokenizer.apply_chat_template(chat, add_generation_prompt=True)
     assert ours.chat_template(False) is None
+
+
+def test_batchllm_eval_runs_lm_eval_command_line(llama_dir: Path, task_dir: Path, tmp_path: Path) -> None:
+    """`batchllm eval ARGS` is lm-eval's command line with "batchllm" registered."""
+    import json
+
+    from batchllm.cli import main
+
+    code = main(["eval", "--model", "batchllm", "--model_args", f"pretrained={llama_dir},dtype=float32,num_kv_blocks=512",
+                 "--tasks", TASK, "--include_path", str(task_dir), "--limit", "4", "--output_path", str(tmp_path)])
+    assert code == 0
+    (result,) = tmp_path.rglob("results_*.json")
+    assert json.loads(result.read_text())["results"][TASK]["acc,none"] >= 0

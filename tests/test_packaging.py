@@ -59,17 +59,39 @@ def _undeclared(imports: dict[str, Path], declared: set[str]) -> list[str]:
     return bad
 
 
+# Files imported only on an optional path (nothing else imports them at module level), and the
+# extra that installs what they import.
+OPTIONAL_MODULES = {PACKAGE / "integrations" / "lm_eval.py": "lm-eval"}
+OPTIONAL_TESTS = {ROOT / "tests" / "test_lm_eval.py": "lm-eval"}
+
+
 def test_package_imports_come_from_its_dependencies() -> None:
-    imports = _third_party_imports(sorted(PACKAGE.rglob("*.py")), {"batchllm"})
+    files = [f for f in sorted(PACKAGE.rglob("*.py")) if f not in OPTIONAL_MODULES]
+    imports = _third_party_imports(files, {"batchllm"})
     assert {"torch", "numpy"} <= set(imports)  # the walk sees imports at all
     assert _undeclared(imports, _declared()) == []
+    for f, extra in OPTIONAL_MODULES.items():
+        assert _undeclared(_third_party_imports([f], {"batchllm"}), _declared(extra)) == []
+
+
+def test_optional_modules_are_imported_only_on_their_path() -> None:
+    """No module imports an optional one at module level (the CLI imports it inside `eval`)."""
+    names = {".".join(f.relative_to(PACKAGE.parent).with_suffix("").parts) for f in OPTIONAL_MODULES}
+    for f in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.parse(f.read_text()).body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not set(mods) & names, f"{f.name} imports {mods} at module level"
 
 
 def test_test_imports_come_from_the_test_extra() -> None:
     tests = sorted((ROOT / "tests").glob("*.py"))
-    imports = _third_party_imports(tests, {"batchllm"} | {f.stem for f in tests})
+    local = {"batchllm"} | {f.stem for f in tests}
+    imports = _third_party_imports([f for f in tests if f not in OPTIONAL_TESTS], local)
     assert {"pytest", "transformers"} <= set(imports)
     assert _undeclared(imports, _declared("test")) == []
+    for f, extra in OPTIONAL_TESTS.items():
+        assert _undeclared(_third_party_imports([f], local), _declared("test", extra)) == []
 
 
 def test_an_undeclared_import_is_caught(tmp_path: Path) -> None:

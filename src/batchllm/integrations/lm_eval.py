@@ -17,12 +17,17 @@ score the same tokens. Needs the `lm-eval` package (`pip install "batchllm[lm-ev
 
 from __future__ import annotations
 
+import sys
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
+import torch
 # NOTE: lm-eval fills its registry with its built-in models only when the registry is empty at
 # the first lookup; importing them first keeps "hf", "vllm"... available beside "batchllm".
 import lm_eval.models  # noqa: F401
 from lm_eval.api.model import TemplateLM
+from lm_eval.__main__ import cli_evaluate
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
@@ -46,6 +51,12 @@ class BatchLLMEval(TemplateLM):
         for name in _BATCHING_ARGS:
             kwargs.pop(name, None)
         if device is not None:
+            # NOTE: lm-eval's command line passes device "cuda" unless told otherwise; on a machine
+            # without CUDA the engine runs on the CPU instead (as lm-eval's hf model does).
+            if str(device).startswith("cuda") and not torch.cuda.is_available():
+                warnings.warn(f"device {device!r} asked for but CUDA is not available; batchllm runs on the CPU",
+                              stacklevel=2)
+                device = "cpu"
             kwargs["device"] = device
         self.llm = LLM(str(pretrained), dtype=dtype, **kwargs)
         self.tokenizer = self.llm.tokenizer
@@ -168,3 +179,14 @@ class BatchLLMEval(TemplateLM):
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
+
+
+def run_command_line(argv: Sequence[str]) -> None:
+    """lm-eval's command line with arguments `argv` (it reads them from `sys.argv`), "batchllm"
+    registered (this module's import did that)."""
+    saved = sys.argv
+    sys.argv = ["lm-eval", *argv]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
