@@ -24,7 +24,8 @@ from batchllm.sequence import Sequence
 
 @dataclass
 class Entry:
-    """One prompt position: its token's log-prob and rank, and the top-k (token ids, log-probs)."""
+    """One prompt position: its token's log-prob and rank (1 + the number of strictly more likely
+    tokens, as the sampler ranks), and the top-k (token ids, log-probs)."""
 
     logprob: float
     rank: int
@@ -80,28 +81,28 @@ class PromptLogprobs:
         if not spans:
             return
         logp = torch.log_softmax(logits.float(), dim=-1)
-        k = max(self._want(s)[2] for s, _ in spans)  # type: ignore[index]
+        wants = [self._want(s) for s, _ in spans]
+        k = max(w[2] for w in wants)  # type: ignore[index]
         top_v, top_i = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], logp[:, :0].long())
         top_v, top_i = top_v.tolist(), top_i.tolist()
-        row = 0
-        for seq, positions in spans:
-            entries = self._entries.setdefault(seq.seq_id, {})
-            kk = self._want(seq)[2]  # type: ignore[index]
-            for p in positions:
-                t = p + 1
-                if t < seq.num_tokens:
-                    entries[t] = self._entry(logp[row], seq.token_ids[t], top_i[row][:kk], top_v[row][:kk])
-                else:  # a prefix's last position: each asking member's first own token
-                    for m in self._members[seq.group_id]:
-                        self._entries.setdefault(m.seq_id, {})[t] = self._entry(
-                            logp[row], m.token_ids[t], top_i[row][:self._k[m.seq_id]], top_v[row][:self._k[m.seq_id]])
-                row += 1
-
-    @staticmethod
-    def _entry(logp: torch.Tensor, token: int, top_ids: list[int], top_lps: list[float]) -> Entry:
-        lp = logp[token]
-        # rank: 1 + the number of strictly more likely tokens (as the sampler ranks)
-        return Entry(float(lp), int((logp > lp).sum()) + 1, top_ids, top_lps)
+        # Each row's target token (the next prompt token; for a prefix's last position, where
+        # members differ, each member's token is looked up below), ranked in one pass.
+        rows = [(seq, w[2], p) for (seq, positions), w in zip(spans, wants) for p in positions]  # type: ignore[index]
+        targets = torch.tensor([seq.token_ids[p + 1] if p + 1 < seq.num_tokens else 0 for seq, _, p in rows])
+        chosen = logp.gather(1, targets[:, None])
+        ranks = ((logp > chosen).sum(dim=-1) + 1).tolist()
+        chosen = chosen[:, 0].tolist()
+        for row, (seq, kk, p) in enumerate(rows):
+            t = p + 1
+            if t < seq.num_tokens:
+                self._entries.setdefault(seq.seq_id, {})[t] = Entry(chosen[row], ranks[row], top_i[row][:kk],
+                                                                    top_v[row][:kk])
+                continue
+            for m in self._members[seq.group_id]:  # a prefix's last position: each member's first own token
+                lp = logp[row, m.token_ids[t]]
+                km = self._k[m.seq_id]
+                self._entries.setdefault(m.seq_id, {})[t] = Entry(
+                    float(lp), int((logp[row] > lp).sum()) + 1, top_i[row][:km], top_v[row][:km])
 
     def entries(self, seq: Sequence) -> list[Entry | None]:
         """Per prompt position 0..L-1: its Entry (None for position 0 and positions not asked for).
