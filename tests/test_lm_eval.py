@@ -107,7 +107,8 @@ def test_batchllm_eval_runs_lm_eval_command_line(llama_dir: Path, task_dir: Path
     from batchllm.cli import main
 
     code = main(["eval", "--model", "batchllm", "--model_args", f"pretrained={llama_dir},dtype=float32,num_kv_blocks=512",
-                 "--tasks", TASK, "--include_path", str(task_dir), "--limit", "4", "--output_path", str(tmp_path)])
+                 "--tasks", TASK, "--include_path", str(task_dir), "--limit", "4", "--output_path", str(tmp_path),
+                 "--device", "cpu"])
     assert code == 0
     (result,) = tmp_path.rglob("results_*.json")
     assert json.loads(result.read_text())["results"][TASK]["acc,none"] >= 0
