@@ -164,3 +164,12 @@ def test_completions_echo_returns_prompt_logprobs(llama_dir: Path, tmp_path: Pat
             assert len(lp["top_logprobs"][t]) in (2, 3)
         assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][n] == len(prompts[i])
     assert got["plain"]["text"] == prompts[0] + want[0].outputs[0].text and got["plain"]["logprobs"] is None
+
+
+def test_prompt_logprobs_with_several_samples(llama_dir: Path, reference) -> None:
+    """n samples of a prompt share its prompt log-probs (the request has one list)."""
+    llm = LLM(str(llama_dir), dtype="float32", num_kv_blocks=1024)
+    prompts = _prompts()
+    outs = llm.generate(prompts, SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=2, prompt_logprobs=1),
+                        use_tqdm=False)
+    _check(outs, prompts, reference, k=1)

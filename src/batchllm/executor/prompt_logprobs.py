@@ -115,8 +115,8 @@ class PromptLogprobs:
         return out
 
     def take(self, seq: Sequence) -> list[dict[int, Logprob] | None] | None:
-        """vLLM's `RequestOutput.prompt_logprobs` for `seq` (None if it did not ask): None for the
-        first position, then {token id: Logprob} holding the prompt token and the top k."""
+        """vLLM's `RequestOutput.prompt_logprobs` for finished `seq` (None if it did not ask), once:
+        None for the first position, then {token id: Logprob} holding the prompt token and the top k."""
         if seq.seq_id not in self._k:
             return None
         k = self._k[seq.seq_id]
@@ -131,4 +131,6 @@ class PromptLogprobs:
             if tok not in d:
                 d[tok] = Logprob(e.logprob, e.rank)
             out.append(d)
+        # NOTE: its own entries are read once; a group prefix's stay for the other members.
+        self._entries.pop(seq.seq_id, None)
         return out
