@@ -100,10 +100,14 @@ def test_default_kv_pool_follows_free_memory(llama_dir: Path, monkeypatch: pytes
 def test_sampling_params_vllm_fields_only_when_neutral() -> None:
     SamplingParams(presence_penalty=0.0, frequency_penalty=0, repetition_penalty=1.0, include_stop_str_in_output=False,
                    prompt_logprobs=None, detokenize=True)
-    for kw in (dict(prompt_logprobs=0), dict(detokenize=False)):
+    for kw in (dict(detokenize=False),):
         name = next(iter(kw))
         with pytest.raises(ValueError, match=f"{name}=.* is not supported by batchllm"):
             SamplingParams(**kw)
+    SamplingParams(prompt_logprobs=0)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="prompt_logprobs must be an integer"):
+            SamplingParams(prompt_logprobs=bad)
 
 
 def test_sampling_params_penalties_and_constraints_validated() -> None:

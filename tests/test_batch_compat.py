@@ -206,5 +206,5 @@ def test_readme_lists_every_request_field() -> None:
     table = readme[readme.index("| field | completions | chat | notes |"):].split("\n\n")[0]
     listed = {name for row in table.splitlines()[2:] for name in re.findall(r"`([a-z_]+)`", row.split("|")[1])}
     known = {*rq._SAMPLING, *rq._CONVERTED, *rq._IGNORED, *rq._NEUTRAL, *rq._COMPLETIONS_ONLY, *rq._CHAT_TEMPLATE, "max_tokens",
-             "max_completion_tokens", "logprobs", "top_logprobs", "best_of", "prompt", "messages"}
+             "max_completion_tokens", "logprobs", "top_logprobs", "best_of", "echo", "prompt", "messages"}
     assert listed == known

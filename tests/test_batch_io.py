@@ -135,7 +135,7 @@ def test_file_lines_blank_bom_crlf_and_duplicates(tmp_path: Path) -> None:
     (req({"prompt": "x", "response_format": {"type": "xml"}}), "invalid_request", "response_format must be"),
     (req({"messages": [{"role": "user", "content": "x"}], "audio": {"voice": "a"}}, "/v1/chat/completions"),
      "unsupported", "audio"),
-    (req({"prompt": "x", "echo": True}), "unsupported", "echo"),
+    (req({"prompt": "x", "echo": "yes"}), "invalid_request", "echo must be true or false"),
     (req({"prompt": "x", "best_of": 3}), "unsupported", "best_of"),
     (req({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "/v1/chat/completions"),
      "unsupported", "tools"),

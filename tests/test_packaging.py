@@ -49,41 +49,68 @@ def _third_party_imports(files: list[Path], local: set[str]) -> dict[str, Path]:
     return found
 
 
-def _undeclared(imports: dict[str, Path], declared: set[str]) -> list[str]:
+def _undeclared(imports: dict[str, Path], declared: set[str], by_name: bool = False) -> list[str]:
+    """Imports no declared distribution provides. `by_name`: a module no installed distribution
+    provides (an optional extra not installed here) counts as provided by the one it is named as."""
     dists = importlib.metadata.packages_distributions()
     bad = []
     for module, where in sorted(imports.items()):
         owners = {_normalize(d) for d in dists.get(module, [])}
+        if by_name and not owners:
+            owners = {_normalize(module)}
         if not owners & declared:
             bad.append(f"{module} (imported in {where.name}; installed by {sorted(owners) or 'nothing'})")
     return bad
 
 
-# Modules imported only on an optional path (test_triton_executor checks a CPU engine never
-# imports them), and the extra that declares what they import.
-OPTIONAL = {"gpu": ("kernels/triton/", "attention/triton_executor.py")}
+# Modules imported only on an optional path, by the extra that installs what they import: nothing
+# else imports them at module level (checked below), and a CPU engine never imports the Triton
+# ones (tests/test_triton_executor.py).
+OPTIONAL = {"gpu": ("kernels/triton/", "attention/triton_executor.py"), "lm-eval": ("integrations/lm_eval.py",)}
+OPTIONAL_TESTS = {ROOT / "tests" / "test_lm_eval.py": "lm-eval"}
 
 
-def _optional(f: Path, extra: str) -> bool:
-    return f.relative_to(PACKAGE).as_posix().startswith(OPTIONAL[extra])
+def _extra_of(f: Path) -> str | None:
+    rel = f.relative_to(PACKAGE).as_posix()
+    return next((extra for extra, prefixes in OPTIONAL.items() if rel.startswith(prefixes)), None)
 
 
 def test_package_imports_come_from_its_dependencies() -> None:
     files = sorted(PACKAGE.rglob("*.py"))
-    core = [f for f in files if not any(_optional(f, e) for e in OPTIONAL)]
-    imports = _third_party_imports(core, {"batchllm"})
+    imports = _third_party_imports([f for f in files if _extra_of(f) is None], {"batchllm"})
     assert {"torch", "numpy"} <= set(imports)  # the walk sees imports at all
     assert _undeclared(imports, _declared()) == []
     for extra in OPTIONAL:
-        optional = _third_party_imports([f for f in files if _optional(f, extra)], {"batchllm"})
-        assert optional and _undeclared(optional, _declared(extra)) == [], extra
+        optional = _third_party_imports([f for f in files if _extra_of(f) == extra], {"batchllm"})
+        assert optional and _undeclared(optional, _declared(extra), by_name=True) == [], extra
+
+
+def test_optional_modules_are_imported_only_on_their_path() -> None:
+    """No core module imports an optional one at module level (they are imported where used)."""
+    files = sorted(PACKAGE.rglob("*.py"))
+    names = set()
+    for f in files:
+        if _extra_of(f) is not None:
+            parts = f.relative_to(PACKAGE.parent).with_suffix("").parts
+            names.add(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    assert names
+    for f in files:
+        if _extra_of(f) is not None:
+            continue
+        for node in ast.parse(f.read_text()).body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not set(mods) & names, f"{f.name} imports {mods} at module level"
 
 
 def test_test_imports_come_from_the_test_extra() -> None:
     tests = sorted((ROOT / "tests").glob("*.py"))
-    imports = _third_party_imports(tests, {"batchllm"} | {f.stem for f in tests})
+    local = {"batchllm"} | {f.stem for f in tests}
+    imports = _third_party_imports([f for f in tests if f not in OPTIONAL_TESTS], local)
     assert {"pytest", "transformers"} <= set(imports)
     assert _undeclared(imports, _declared("test")) == []
+    for f, extra in OPTIONAL_TESTS.items():
+        assert _undeclared(_third_party_imports([f], local), _declared("test", extra), by_name=True) == []
 
 
 def test_an_undeclared_import_is_caught(tmp_path: Path) -> None:

@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--model", metavar="PATH", help="use this model (folder or GGUF file) instead")
     de.add_argument("--shape", choices=("tiny", "small", "test"), help="run a random-weight model of this shape instead (tiny, small, test)")
 
+    # NOTE: listed for --help only: `main` hands everything after "eval" to lm-eval unparsed.
+    sub.add_parser("eval", help="run lm-evaluation-harness's command line with the 'batchllm' model registered",
+                   description="batchllm eval ARGS: lm-eval's own command line (`lm-eval ARGS`) with the "
+                   "'batchllm' model registered, e.g. batchllm eval --model batchllm --model_args "
+                   "pretrained=PATH,dtype=bfloat16 --tasks mmlu. Needs: pip install 'batchllm[lm-eval]'.")
     mk = sub.add_parser("make-tiny-model", help="write a small random Hugging Face-style model folder",
                         description="Write a loadable model folder with random weights (for tests and demos).")
     mk.add_argument("path", type=Path, metavar="PATH")
@@ -168,6 +173,16 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(argv: Sequence[str]) -> int:
+    """lm-eval's command line (it loads no outside models) after registering "batchllm" with it."""
+    try:
+        from batchllm.integrations.lm_eval import run_command_line
+    except ImportError as e:
+        return _usage(f"needs lm-evaluation-harness ({e}); install it with: pip install 'batchllm[lm-eval]'", "eval")
+    run_command_line(argv)
+    return 0
+
+
 def _usage(message: str, command: str) -> int:
     print(f"batchllm {command}: error: {message}", file=sys.stderr)
     return EXIT_USAGE
@@ -176,6 +191,8 @@ def _usage(message: str, command: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `batchllm` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval"]:
+        return _cmd_eval(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run-batch":

@@ -12,6 +12,7 @@ import torch
 from batchllm.config import EngineConfig
 from batchllm.executor.logits_processors import LogitsProcessors
 from batchllm.executor.malloc import keep_heap
+from batchllm.executor.prompt_logprobs import PromptLogprobs
 from batchllm.executor.runner import ModelRunner
 from batchllm.executor.sampler import Sampler
 from batchllm.kernels.cpu import DTYPES as KERNEL_DTYPES, load_cpu_kernels
@@ -58,6 +59,7 @@ class Engine:
                                   make_attention(config.attention, self.device, self.dtype, mc.head_dim, kernels,
                                                  (mc.num_heads, mc.num_kv_heads)))
         self.sampler = Sampler(kernels, LogitsProcessors(self.tokenizer))
+        self.prompt_logprobs = PromptLogprobs([])  # the last run's
         self._grammars = None  # structured.grammars.GrammarCache, made on the first constraint
 
     @property
@@ -75,13 +77,18 @@ class Engine:
 
     def run(self, seqs: list[Sequence], plan: Plan | None, stats: RunStats,
             on_step: Callable[[RunStats], None] | None = None,
-            should_stop: Callable[[], bool] | None = None) -> Iterator[Sequence]:
+            should_stop: Callable[[], bool] | None = None,
+            prompt_logprobs_from: dict[int, int] | None = None) -> Iterator[Sequence]:
         """Run `seqs` to completion, yielding each one as it finishes; fill `stats` on the way.
 
         `should_stop` is asked before every step; when it says yes, nothing new is admitted and
-        the run ends after the current step (unfinished sequences are not yielded).
+        the run ends after the current step (unfinished sequences are not yielded). The prompt
+        log-probs of the run are in `self.prompt_logprobs` (`prompt_logprobs_from`: seq_id ->
+        first prompt position wanted, 1 when absent).
         """
         sched = make_scheduler(self.config, self.num_blocks, seqs, plan, self.limits.max_context)
+        # NOTE: built after the scheduler, which gives group members their group id.
+        self.prompt_logprobs = lp = PromptLogprobs(seqs, prompt_logprobs_from)
         stats.num_kv_blocks, stats.block_size = self.num_blocks, self.config.block_size
         stats.policy = self.config.policy
         masks = None
@@ -102,7 +109,9 @@ class Engine:
             if not out.seqs:
                 raise RuntimeError("scheduler produced an empty step with work left (KV pool too small?)")
             stats.peak_kv_blocks = max(stats.peak_kv_blocks, sched.bm.num_used_blocks)
-            logits, row_seqs = self.runner.run(out)
+            logits, row_seqs = self.runner.run(out, lp if lp.active else None)
+            if self.runner.last_prompt_rows is not None:
+                lp.record(*self.runner.last_prompt_rows)
             plan = self.runner.last_plan
             stats.prefix_shared_attention_steps += plan is not None and plan.prefix_shared
             sched.after_step(out)

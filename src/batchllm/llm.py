@@ -161,6 +161,14 @@ class LLM:
             results[int(out.request_id)] = out
         return [r for r in results if r is not None]
 
+    def loglikelihood(self, pairs: Seq[tuple[str | list[int], str | list[int]]], use_tqdm: bool = True
+                      ) -> list[tuple[float, bool]]:
+        """Score (context, continuation) pairs, given as two strings or two lists of token ids:
+        per pair, the continuation's summed log-prob and whether greedy decoding from the context
+        would produce it. Contexts are planned as shared prefixes (see `batchllm.scoring`)."""
+        from batchllm.scoring import loglikelihood
+        return loglikelihood(self, pairs, use_tqdm)
+
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
              use_tqdm: bool = True, lora_request: None = None, chat_template: str | None = None,
@@ -193,10 +201,12 @@ class LLM:
 
     def iter_generate(self, prompts: Seq[PromptType],
                       sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                      use_tqdm: bool = True, should_stop: Callable[[], bool] | None = None
-                      ) -> Iterator[RequestOutput]:
+                      use_tqdm: bool = True, should_stop: Callable[[], bool] | None = None,
+                      prompt_logprobs_from: list[int] | None = None) -> Iterator[RequestOutput]:
         """Like `generate`, but yields each request's output as soon as all its samples finish
-        (completion order; `request_id` is the input index). Validates everything first."""
+        (completion order; `request_id` is the input index). Validates everything first.
+        `prompt_logprobs_from[i]`: the first prompt position whose log-prob request i wants
+        (earlier ones are None; `loglikelihood` skips the context this way)."""
         arrival = time.time()
         texts, ids = self._tokenize(self._as_list(prompts))
         params = self._params_list(len(ids), sampling_params)
@@ -239,7 +249,9 @@ class LLM:
             return should_stop is not None and should_stop()
 
         try:
-            for seq in self.engine.run(seqs, plan, stats, should_stop=step_hook):
+            first = None if prompt_logprobs_from is None else {
+                s.seq_id: prompt_logprobs_from[s.request_index] for s in seqs}
+            for seq in self.engine.run(seqs, plan, stats, should_stop=step_hook, prompt_logprobs_from=first):
                 i = seq.request_index
                 remaining[i] -= 1
                 if remaining[i]:
@@ -266,6 +278,7 @@ class LLM:
         firsts = [t for s in seqs if (t := self.engine.sampler.first_token_time.pop(s.seq_id, None)) is not None]
         return RequestOutput(request_id=str(index), prompt=text, prompt_token_ids=ids, outputs=outs,
                              num_cached_tokens=min(self._cached_tokens(s, prefix_owner) for s in seqs),
+                             prompt_logprobs=self._decoded(self.engine.prompt_logprobs.take(seqs[0])),
                              metrics=RequestMetrics(arrival, min(firsts, default=None), now, now))
 
     @staticmethod
@@ -277,12 +290,12 @@ class LLM:
             return 0
         return seq.num_cached_tokens
 
-    def _decoded(self, steps: list[dict[int, Logprob]] | None) -> list[dict[int, Logprob]] | None:
+    def _decoded(self, steps: list[dict[int, Logprob] | None] | None) -> list[dict[int, Logprob] | None] | None:
         """The steps' Logprobs with `decoded_token` (each token's text on its own) filled in."""
         if steps is None:
             return None
         for d in steps:
-            for tid, lp in d.items():
+            for tid, lp in (d or {}).items():
                 if lp.decoded_token is None:
                     lp.decoded_token = self.tokenizer.decode([tid], skip_special_tokens=False)
         return steps

@@ -57,7 +57,8 @@ class RequestMetrics:
 class RequestOutput:
     """All completions of one prompt. `num_cached_tokens` = prompt tokens whose KV was reused from
     earlier computation for another request (a shared prefix computed before), not computed for
-    this one. `prompt_logprobs` is always None (prompt log-probabilities are not supported)."""
+    this one. `prompt_logprobs` (when `SamplingParams.prompt_logprobs` asked for them): None for
+    the first prompt position, then one {token id: Logprob} per position (its token and the top k)."""
 
     request_id: str
     prompt: str | None
@@ -66,7 +67,7 @@ class RequestOutput:
     finished: bool = True
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
-    prompt_logprobs: None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 @dataclass

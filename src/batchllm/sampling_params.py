@@ -75,9 +75,10 @@ class SamplingParams:
     `structured_outputs` constrains the output (see `StructuredOutputsParams`).
     `truncate_prompt_tokens=k` keeps the last k prompt tokens.
 
-    vLLM fields batchllm does not implement are accepted at their neutral value only
-    (`prompt_logprobs=None`, `detokenize=True`), so a ported script fails loudly instead of
-    sampling differently.
+    `prompt_logprobs=k` returns each prompt position's log-prob and the top k (vLLM's shape).
+
+    `detokenize`, which batchllm does not implement, is accepted at its neutral value (True) only,
+    so a ported script fails loudly instead of sampling differently.
     """
 
     n: int = 1
@@ -170,10 +171,10 @@ class SamplingParams:
             p.append(f"truncate_prompt_tokens must be an integer >= 1, got {self.truncate_prompt_tokens!r}")
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             p.append("structured_outputs must be a StructuredOutputsParams")
-        for name, neutral in (("prompt_logprobs", None), ("detokenize", True)):
-            value = getattr(self, name)
-            if (value is not None) if neutral is None else (value != neutral):
-                p.append(f"{name}={value!r} is not supported by batchllm (only {neutral!r})")
+        if self.prompt_logprobs is not None and (not is_int(self.prompt_logprobs) or self.prompt_logprobs < 0):
+            p.append(f"prompt_logprobs must be an integer >= 0, got {self.prompt_logprobs!r}")
+        if self.detokenize is not True:
+            p.append(f"detokenize={self.detokenize!r} is not supported by batchllm (only True)")
         return p
 
     @property

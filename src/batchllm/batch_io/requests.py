@@ -60,7 +60,6 @@ _NEUTRAL: dict[str, Callable[[Any], bool]] = {
 # Chat only: how the conversation is rendered (vLLM's server fields).
 _CHAT_TEMPLATE = ("chat_template_kwargs", "add_generation_prompt", "continue_final_message")
 _COMPLETIONS_ONLY: dict[str, Callable[[Any], bool]] = {
-    "echo": lambda v: v is False,
     "suffix": lambda v: v == "",
 }
 
@@ -79,6 +78,8 @@ class BatchRequest:
     # chat: keyword arguments of `Tokenizer.apply_chat_template` (add_generation_prompt,
     # continue_final_message, and the body's chat_template_kwargs)
     template_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # completions: the text (and, with logprobs, the log-probs) starts with the prompt's
+    echo: bool = False
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,7 @@ def _messages(value: Any, where: str) -> tuple[dict[str, Any], ...]:
 def _check_fields(body: dict[str, Any], endpoint: Endpoint, where: str) -> None:
     """Refuse unknown fields, and known ones batchllm cannot honour unless they are neutral."""
     known = {*_SAMPLING, *_CONVERTED, *_IGNORED, *_NEUTRAL, "max_tokens", "max_completion_tokens", "logprobs"}
-    known |= {"prompt", "best_of", *_COMPLETIONS_ONLY} if endpoint == "completions" else {
+    known |= {"prompt", "best_of", "echo", *_COMPLETIONS_ONLY} if endpoint == "completions" else {
         "messages", "top_logprobs", *_CHAT_TEMPLATE}
     for key in body:
         if key not in known:
@@ -306,6 +307,10 @@ def _params(body: dict[str, Any], endpoint: Endpoint, where: str) -> tuple[Sampl
         kw["logit_bias"] = bias
     if (so := _response_format(body.get("response_format"), where)) is not None:
         kw["structured_outputs"] = so
+    if endpoint == "completions" and body.get("echo") is not None and not isinstance(body["echo"], bool):
+        raise LineError(f"{where}echo must be true or false", where + "echo")
+    if endpoint == "completions" and body.get("echo") and lp is not None:
+        kw["prompt_logprobs"] = lp  # echo returns the prompt's log-probs too
     try:
         return SamplingParams(**kw), given
     except (ValueError, TypeError) as e:
@@ -351,7 +356,8 @@ def parse_object(obj: Any, line: int) -> BatchRequest:
         raise LineError(f"{where}{key} is required for {url}", where + key, "missing_field")
     params, given = _params(body, endpoint, where)
     if endpoint == "completions":
-        return BatchRequest(line, cid, endpoint, params, prompts=_prompts(body["prompt"], where + "prompt"))
+        return BatchRequest(line, cid, endpoint, params, prompts=_prompts(body["prompt"], where + "prompt"),
+                            echo=bool(body.get("echo")))
     return BatchRequest(line, cid, endpoint, params, messages=_messages(body["messages"], where + "messages"),
                         max_tokens_given=given, template_options=_template_options(body, where))
 

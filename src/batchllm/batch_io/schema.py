@@ -58,8 +58,9 @@ class RecordMaker:
                     choice["message"] = {"role": "assistant", "content": c.text, "refusal": None}
                     choice["logprobs"] = self._chat_logprobs(c, logprobs) if logprobs is not None else None
                 else:
-                    choice["text"] = c.text
-                    choice["logprobs"] = (self._completion_logprobs(c, req.params.skip_special_tokens)
+                    echo = self._echo(out, req.params.skip_special_tokens) if req.echo else None
+                    choice["text"] = c.text if echo is None else echo[0] + c.text
+                    choice["logprobs"] = (self._completion_logprobs(c, req.params.skip_special_tokens, echo)
                                           if logprobs is not None else None)
                 choice["finish_reason"] = c.finish_reason
                 choice["stop_reason"] = c.stop_reason
@@ -86,18 +87,40 @@ class RecordMaker:
             t = self._token_text[token] = self.tok.token_text(token)
         return t
 
-    def _completion_logprobs(self, c: CompletionOutput, skip_special_tokens: bool) -> dict[str, Any]:
+    def _echo(self, out: RequestOutput, skip_special_tokens: bool) -> tuple[str, RequestOutput]:
+        """`echo`: the prompt's text (as given, or decoded from its token ids) and its output."""
+        assert self.tok is not None
+        text = out.prompt if out.prompt is not None else self.tok.decode(out.prompt_token_ids, skip_special_tokens)
+        return text, out
+
+    def _completion_logprobs(self, c: CompletionOutput, skip_special_tokens: bool,
+                             echo: tuple[str, RequestOutput] | None = None) -> dict[str, Any]:
         """/v1/completions logprobs: tokens, token_logprobs, top_logprobs, text_offset. `tokens`
         join to the choice's text (a split character is carried by the token completing it) and
         `text_offset` is where each starts in it; a stop string cut from the text is cut from
-        the tokens too."""
+        the tokens too. With `echo`, the prompt's tokens come first (the first one without a
+        log-prob: null and null, as OpenAI writes it)."""
         assert self.tok is not None
-        steps = (c.logprobs or [])[:len(c.token_ids)]
-        pieces = self.tok.token_pieces(c.token_ids[:len(steps)], skip_special_tokens)
         tokens, token_lps, tops, offsets = [], [], [], []
         offset = 0
+        if echo is not None:
+            text, out = echo
+            ids = out.prompt_token_ids
+            for tid, d, piece in zip(ids, out.prompt_logprobs or [None] * len(ids),
+                                     self.tok.token_pieces(ids, skip_special_tokens)):
+                piece = piece[:max(0, len(text) - offset)]
+                tokens.append(piece)
+                token_lps.append(None if d is None else _value(d.get(tid)))
+                tops.append(None if d is None else
+                            {self._text(t): _value(lp) for t, lp in sorted(d.items(), key=lambda kv: -_value(kv[1]))})
+                offsets.append(offset)
+                offset += len(piece)
+            offset = len(text)
+        steps = (c.logprobs or [])[:len(c.token_ids)]
+        pieces = self.tok.token_pieces(c.token_ids[:len(steps)], skip_special_tokens)
+        text_end = offset + len(c.text)
         for tid, d, piece in zip(c.token_ids, steps, pieces):
-            piece = piece[:max(0, len(c.text) - offset)]
+            piece = piece[:max(0, text_end - offset)]
             tokens.append(piece)
             token_lps.append(_value(d.get(tid)))
             tops.append({self._text(t): _value(lp) for t, lp in sorted(d.items(), key=lambda kv: -_value(kv[1]))})

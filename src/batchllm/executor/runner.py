@@ -10,6 +10,7 @@ import torch
 from batchllm.attention.metadata import build_metadata
 from batchllm.attention.plan import AttentionPlan
 from batchllm.attention.select import Attention
+from batchllm.executor.prompt_logprobs import PromptLogprobs
 from batchllm.models.llama import CausalLM
 from batchllm.scheduler.scheduler import SchedulerOutput
 
@@ -45,6 +46,8 @@ class ModelRunner:
         self.kv_cache = zeroed_pool((cfg.num_layers, 2, cfg.num_kv_heads, (num_blocks + 1) * block_size, cfg.head_dim),
                                     dtype, device)
         self.last_plan: AttentionPlan | None = None  # the attention plan of the last step
+        # The last step's prompt log-prob rows: their logits and (sequence, positions) spans.
+        self.last_prompt_rows: tuple[torch.Tensor, list[tuple]] | None = None
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy the KV of whole blocks (src -> dst) in every layer."""
@@ -56,11 +59,16 @@ class ModelRunner:
         dst = torch.tensor([d for _, d in copies], device=self.device)
         pool[:, :, :, dst] = pool[:, :, :, src]
 
-    def run(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
+    def run(self, out: SchedulerOutput, prompt_logprobs: PromptLogprobs | None = None) -> tuple[torch.Tensor, list[int]]:
         """Compute the scheduled tokens; return logits [rows, vocab] and the indices (into
-        `out.seqs`) of the sequences they belong to: those whose last token was computed."""
+        `out.seqs`) of the sequences they belong to: those whose last token was computed.
+
+        With `prompt_logprobs`, the positions it asks for also get logits (only those: each row
+        costs a vocabulary-sized product); they are left in `last_prompt_rows`."""
         self.copy_blocks(out.copies)
         ids, pos, q_lens, ctx_lens, rows, row_seqs = [], [], [], [], [], []
+        prompt_rows: list[int] = []
+        spans: list[tuple] = []
         start = 0
         for i, (seq, n) in enumerate(zip(out.seqs, out.num_tokens)):
             c = seq.num_computed_tokens
@@ -68,6 +76,9 @@ class ModelRunner:
             pos.extend(range(c, c + n))
             q_lens.append(n)
             ctx_lens.append(c + n)
+            if prompt_logprobs is not None and (want := prompt_logprobs.rows(seq, c, n)):
+                prompt_rows.extend(start + p - c for p in want)
+                spans.append((seq, want))
             start += n
             if c + n == seq.num_tokens and not seq.is_prefix:
                 rows.append(start - 1)
@@ -83,6 +94,8 @@ class ModelRunner:
             torch.tensor(ids, dtype=torch.long, device=self.device),
             torch.tensor(pos, dtype=torch.long, device=self.device),
             self.kv_cache, meta, self.backend, prepared,
-            torch.tensor(rows, dtype=torch.long, device=self.device),
+            torch.tensor(rows + prompt_rows, dtype=torch.long, device=self.device),
         )
-        return logits.cpu(), row_seqs
+        logits = logits.cpu()
+        self.last_prompt_rows = (logits[len(rows):], spans) if spans else None
+        return logits[:len(rows)], row_seqs

@@ -78,6 +78,9 @@ class CachePolicy:
         self.bm = block_manager
 
     def start(self, seq: Sequence) -> Start:
+        # NOTE: a sequence asking for prompt log-probs computes its whole prompt (cached KV has no logits).
+        if seq.params.prompt_logprobs is not None:
+            return FROM_SCRATCH
         blocks = self.bm.cached_prefix_blocks(seq)
         return Start(blocks, len(blocks) * self.bm.block_size) if blocks else FROM_SCRATCH
 
