@@ -21,7 +21,7 @@ from batchllm.planner import Plan
 from batchllm.scheduler.policies import make_scheduler
 from batchllm.sequence import Sequence
 from batchllm.tokenizer import Tokenizer
-from batchllm.attention.select import make_attention
+from batchllm.attention.select import AttentionFeatures, make_attention
 
 
 class Engine:
@@ -50,7 +50,8 @@ class Engine:
         kernels = load_cpu_kernels() if use_kernels else None
         model.kernels = kernels
         self.runner = ModelRunner(model, self.num_blocks, config.block_size, self.dtype, self.device,
-                                  make_attention(config.attention, self.device, self.dtype, mc.head_dim, kernels))
+                                  make_attention(config.attention, self.device, self.dtype, mc.head_dim, kernels,
+                                                 AttentionFeatures(mc.layer_windows, mc.attn_logit_softcapping)))
         self.sampler = Sampler(kernels)
 
     @property
