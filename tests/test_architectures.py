@@ -247,11 +247,12 @@ def test_moe_routes_each_token_to_its_top_k(model_factory: Callable[..., Path]) 
     assert torch.allclose(moe(x), want, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "phi3"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "phi3", "gemma2", "gemma3"])
 def test_bf16_runs_with_the_cpu_kernels_and_packed_weights(arch: str, model_factory: Callable[..., Path],
                                                            random_prompts: Callable[..., list[list[int]]]) -> None:
-    """bf16 takes the C norm/activation passes and packs the dense weights (experts stay plain);
-    its greedy tokens mostly agree with fp32 (random weights make near-ties, so not all)."""
+    """bf16 takes the C norm/activation passes (Gemma: its own norms and windowed attention in
+    PyTorch) and packs the dense weights (experts stay plain); its greedy tokens mostly agree with
+    fp32 (random weights make near-ties, so not all)."""
     path = model_factory(arch)
     prompts = random_prompts(6, 5, 30, seed=13)
     fp32 = token_ids(LLM(str(path), dtype="float32", num_kv_blocks=64).generate(prompts, greedy(), use_tqdm=False))
