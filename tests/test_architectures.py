@@ -260,3 +260,23 @@ def test_bf16_runs_with_the_cpu_kernels_and_packed_weights(arch: str, model_fact
     bf16 = token_ids(llm.generate(prompts, greedy(), use_tqdm=False))
     first = sum(a[0] == b[0] for a, b in zip(fp32, bf16))
     assert first >= 4, (fp32, bf16)
+
+
+@pytest.mark.parametrize("arch", ["Gemma2ForCausalLM", "Gemma3ForCausalLM"])
+def test_gemma_config_defaults_as_transformers(arch: str) -> None:
+    """A config.json that leaves the Gemma keys out gets transformers' defaults: layer types,
+    window, soft-caps, query_pre_attn_scalar, rope bases, tied embeddings."""
+    import transformers
+    raw = dict(architectures=[arch], vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=7,
+               num_attention_heads=2)
+    hf = (transformers.Gemma2Config if arch.startswith("Gemma2") else transformers.Gemma3TextConfig)(**raw)
+    ours = ModelConfig.from_hf(raw)
+    assert ours.layer_windows == tuple(hf.sliding_window if t == "sliding_attention" else None for t in hf.layer_types)
+    assert ours.attn_logit_softcapping == (hf.attn_logit_softcapping if arch.startswith("Gemma2") else None)
+    assert ours.final_logit_softcapping == hf.final_logit_softcapping
+    assert ours.attn_scale == hf.query_pre_attn_scalar ** -0.5 and ours.tie_word_embeddings == hf.tie_word_embeddings
+    if arch.startswith("Gemma3"):
+        assert ours.rope_theta == hf.rope_parameters["full_attention"]["rope_theta"]
+        assert ours.local_rope_theta == hf.rope_parameters["sliding_attention"]["rope_theta"]
+    else:
+        assert ours.rope_theta == hf.rope_parameters["rope_theta"]

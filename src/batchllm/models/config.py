@@ -140,7 +140,9 @@ class ModelConfig:
         if problems:
             raise ValueError("bad config.json: " + "; ".join(problems))
         moe = _moe_fields(arch, cfg)
-        window = cfg.get("sliding_window")
+        window = cfg.get("sliding_window", 4096 if gemma else None)  # transformers' Gemma default
+        if gemma and not window:  # its sliding layers (and Gemma 3's local rope) need one
+            raise ValueError("bad config.json: a Gemma config needs a sliding_window")
         if arch.startswith("Qwen") and not cfg.get("use_sliding_window", False):
             window = None
         layers = int(cfg["num_hidden_layers"])
@@ -182,8 +184,11 @@ class ModelConfig:
             layer_windows=windows,
             gemma=gemma,
             attn_scale=float(scalar) ** -0.5 if scalar else None,
-            attn_logit_softcapping=cfg.get("attn_logit_softcapping") if arch == "Gemma2ForCausalLM" else None,
-            final_logit_softcapping=cfg.get("final_logit_softcapping") if gemma else None,
+            # absent keys take transformers' defaults (Gemma 2: 50 and 30; Gemma 3: none); Gemma 3's
+            # attention never soft-caps, whatever its config says
+            attn_logit_softcapping=cfg.get("attn_logit_softcapping", 50.0) if arch == "Gemma2ForCausalLM" else None,
+            final_logit_softcapping=cfg.get("final_logit_softcapping", 30.0 if arch == "Gemma2ForCausalLM" else None)
+            if gemma else None,
             local_rope_theta=local_theta,
             **moe,
             extra=cfg,
