@@ -34,17 +34,23 @@ TRITON = interpreted_executor_class()
 
 
 def dense_attention(meta: AttentionMetadata, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    scale: float) -> torch.Tensor:
+                    scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """The oracle: per sequence, its keys read slot by slot from the pool, causal softmax attention
-    in float64, no paging tricks, no sharing."""
+    in float64, no paging tricks, no sharing; with a sliding `window` the query at position p sees
+    keys p - window + 1 .. p; `softcap`: scores soft-capped before the softmax."""
     bs, kvh, (_, heads, _) = meta.block_size, k_cache.shape[0], q.shape
     out = torch.empty(q.shape, dtype=torch.float64)
     for start, n, ctx, table in zip(meta.query_starts, meta.query_lens, meta.context_lens, meta.block_tables):
         slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(ctx)])
         k, v = (c[:, slots].double().repeat_interleave(heads // kvh, 0) for c in (k_cache, v_cache))  # [H, T, d]
         scores = q[start:start + n].double().transpose(0, 1) @ k.transpose(1, 2) * scale  # [H, n, T]
-        future = torch.arange(ctx)[None, :] > torch.arange(ctx - n, ctx)[:, None]
-        out[start:start + n] = (scores.masked_fill(future, float("-inf")).softmax(-1) @ v).transpose(0, 1)
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        keys, pos = torch.arange(ctx)[None, :], torch.arange(ctx - n, ctx)[:, None]
+        hidden = keys > pos
+        if window is not None:
+            hidden |= keys <= pos - window
+        out[start:start + n] = (scores.masked_fill(hidden, float("-inf")).softmax(-1) @ v).transpose(0, 1)
     return out
 
 
@@ -114,6 +120,69 @@ def test_random_configurations(seed: int) -> None:
     kvh, g = rng.choice([1, 2]), rng.choice([1, 4, 8])
     dtype = torch.float32 if seed % 2 == 0 else torch.bfloat16
     compare(make_step(rng, groups, singles, bs), kvh * g, kvh, rng.choice([8, 32]), dtype, seed, triton=seed < 4)
+
+
+def random_groups(rng: random.Random, bs: int) -> tuple[list, list]:
+    """Random groups [(prefix blocks, [(own len, q len)])] and singles [(ctx, q len)] for `make_step`."""
+    groups = []
+    for _ in range(rng.randint(0, 4)):
+        members = []
+        for _ in range(rng.randint(1, 5)):
+            own = rng.randint(1, 40)
+            members.append((own, 1 if rng.random() < 0.6 else rng.randint(1, own)))
+        groups.append((rng.randint(1, 64 // bs + 1), members))
+    singles = []
+    for _ in range(rng.randint(0 if groups else 1, 3)):
+        ctx = rng.randint(1, 60)
+        singles.append((ctx, 1 if rng.random() < 0.5 else rng.randint(1, ctx)))
+    return groups, singles
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_sliding_window_and_softcap_plans_match_the_dense_oracle(seed: int) -> None:
+    """Windowed plans (every share mode; members past the window fall back to their own windowed
+    context, members within it share) and soft-capping against the dense oracle, on the PyTorch
+    executor with small row pieces (the pieces path) and without."""
+    rng = random.Random(100 + seed)
+    bs = rng.choice([2, 4, 8])
+    meta = make_step(rng, *random_groups(rng, bs), bs)
+    window = rng.choice([1, 3, 8, 17, 40, 200])
+    softcap = rng.choice([None, 0.5, 5.0])
+    kvh, g, d = rng.choice([1, 2]), rng.choice([1, 4]), rng.choice([8, 32])
+    dtype = torch.float32
+    gen = torch.Generator().manual_seed(seed)
+    k, v = random_pool(meta, kvh, d, dtype, gen)
+    q = torch.randn(meta.num_tokens, kvh * g, d, generator=gen).to(dtype)
+    want = dense_attention(meta, q, k, v, 0.3, window, softcap)
+    if window < max(meta.context_lens):  # the window bites
+        assert not torch.allclose(want, dense_attention(meta, q, k, v, 0.3, None, softcap), atol=1e-4)
+    for share in Share:
+        plan = build_plan(meta, share, window)
+        for ex in (TorchExecutor(CPU, softcap=softcap), TorchExecutor(CPU, max_rows=4, softcap=softcap)):
+            got = ex.run(q, k, v, ex.prepare(plan), 0.3)
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{share}: {m}")
+
+
+def test_windowed_plan_reads_only_the_window_and_shares_only_within_it() -> None:
+    """A sequence past the window reads from the block its first row's window starts in; a group
+    member shares on a windowed plan only while its whole context fits the window."""
+    rng = random.Random(0)
+    meta = make_step(rng, [(4, [(4, 1), (30, 1)])], [(50, 1), (50, 10)], bs=4)  # prefix 16 keys
+    plan = build_plan(meta, Share.ALL, window=20)
+    assert [g.num_members for g in plan.groups] == [1]  # the 20-key member shares, the 46-key one not
+    ctx = {(c, n) for c, n in zip(meta.context_lens, meta.query_lens)}
+    assert ctx == {(20, 1), (46, 1), (50, 1), (50, 10)}
+    # own keys read: 4 (shared member), 46 - 24, 50 - 28, 50 - 20 (first row at 40 sees from 21: block 5)
+    assert sorted(plan.decodes.key_lens + plan.prefills.key_lens) == sorted([4, 22, 22, 30])
+    assert kv_tokens(plan, 1) < kv_tokens(build_plan(meta, Share.ALL), 1)
+
+
+def test_cpu_executor_refuses_windowed_plans() -> None:
+    if KERNELS is None:
+        pytest.skip("no C compiler")
+    meta = make_step(random.Random(1), [], [(30, 1)], bs=4)
+    with pytest.raises(ValueError):
+        CpuExecutor(KERNELS).prepare(build_plan(meta, Share.NONE, window=8))
 
 
 def test_decode_only_many_groups_one_bucket() -> None:

@@ -135,7 +135,7 @@ def test_auto_builds_one_plan_where_it_shares(monkeypatch: pytest.MonkeyPatch) -
     """The groups are worked out once per step: a second plan only where sharing does not pay."""
     calls: list[Share] = []
     real = select.build_plan
-    monkeypatch.setattr(select, "build_plan", lambda meta, share: calls.append(share) or real(meta, share))
+    monkeypatch.setattr(select, "build_plan", lambda meta, share, window=None: calls.append(share) or real(meta, share, window))
     rng = random.Random(1)
     big = make_step(rng, [(1008 // 16, [(100, 1)] * 16)], [], bs=16)
     none = make_step(rng, [], [(30, 1), (20, 5)], bs=16)

@@ -149,12 +149,18 @@ def test_invalid_json(llama_dir: Path, tmp_path: Path) -> None:
         LLM(str(path))
 
 
-def test_sliding_window_limits_max_model_len(model_factory: Callable[..., Path]) -> None:
-    """No sliding-window attention: a Mistral with a window stays inside it; Qwen ignores the
-    window unless use_sliding_window is set."""
-    assert LLM(str(model_factory("mistral", sliding_window=64)), num_kv_blocks=16).engine.max_model_len == 64
-    assert LLM(str(model_factory("mistral")), num_kv_blocks=16).engine.max_model_len == 4096
-    assert LLM(str(model_factory("qwen2", sliding_window=64)), num_kv_blocks=16).engine.max_model_len == 4096
+def test_sliding_window_is_per_layer_and_no_length_cap(model_factory: Callable[..., Path]) -> None:
+    """A window limits attention, not the context: Mistral's is on every layer, Qwen's only with
+    use_sliding_window (from max_window_layers on), Gemma's by layer_types."""
+    def windows(arch: str, **kw: Any) -> tuple:
+        llm = LLM(str(model_factory(arch, **kw)), num_kv_blocks=16)
+        assert llm.engine.max_model_len == 4096
+        return llm.engine.model_config.layer_windows
+    assert windows("mistral", sliding_window=64) == (64, 64)
+    assert windows("mistral") == ()
+    assert windows("qwen2", sliding_window=64) == ()
+    assert windows("qwen2", sliding_window=64, use_sliding_window=True, max_window_layers=1) == (None, 64)
+    assert windows("gemma2", sliding_window=16) == (16, None)
 
 
 # ---- checkpoints and spellings ---------------------------------------------------------------

@@ -87,17 +87,20 @@ def test_folder_layout_and_names(tmp_path: Path, arch: str) -> None:
     else:
         assert tensors["model.layers.1.self_attn.k_proj.weight"].shape == (2 * hd, 64)
     assert ("model.layers.0.self_attn.q_proj.bias" in tensors) == (arch == "qwen2")
-    assert ("model.layers.0.self_attn.q_norm.weight" in tensors) == (arch in ("qwen3", "qwen3_moe"))
+    assert ("model.layers.0.self_attn.q_norm.weight" in tensors) == (arch in ("qwen3", "qwen3_moe", "gemma3"))
+    assert ("model.layers.0.pre_feedforward_layernorm.weight" in tensors) == arch.startswith("gemma")
     if arch == "qwen3":
         assert tensors["model.layers.0.self_attn.k_norm.weight"].shape == (hd,)
     assert "lm_head.weight" in tensors
     norm = tensors["model.norm.weight"]
+    if arch.startswith("gemma"):  # Gemma's norms multiply by 1 + weight
+        norm = norm + 1
     assert 0.5 < norm.mean() < 1.5 and norm.std() > 0.01
     tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     assert tok.get_vocab_size() <= cfg["vocab_size"]
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
     assert tok.decode(tok.encode(TEXTS[0]).ids) == TEXTS[0]
-    assert (tok.encode("hi").ids[0] == BOS_ID) == (arch in ("llama", "mistral", "phi3", "mixtral"))
+    assert (tok.encode("hi").ids[0] == BOS_ID) == (arch in ("llama", "mistral", "phi3", "mixtral", "gemma2", "gemma3"))
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
@@ -124,7 +127,7 @@ def test_loads_in_transformers(tmp_path: Path, arch: str) -> None:
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
     rendered = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    bos = "<|begin_of_text|>" if arch in ("llama", "mistral", "phi3", "mixtral") else ""
+    bos = "<|begin_of_text|>" if arch in ("llama", "mistral", "phi3", "mixtral", "gemma2", "gemma3") else ""
     assert rendered == (bos + "<|im_start|>system\nBe brief.<|im_end|>\n"
                         "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n")
     chat_ids = hf_tok.apply_chat_template(

@@ -173,7 +173,7 @@ from batchllm.attention.select import make_executor
 llm = LLM({str(llama_dir)!r}, dtype="float32", num_kv_blocks=64)
 out = llm.generate([[5, 6, 7, 8]] * 2, SamplingParams(max_tokens=3, temperature=0.0))
 assert len(out) == 2
-assert make_executor(torch.device("cuda"), torch.bfloat16, 64, None, (8, 2)).kind.value == "torch"
+assert make_executor(torch.device("cuda"), torch.bfloat16, 64, None, heads=(8, 2)).kind.value == "torch"
 assert not any(m.startswith("batchllm.kernels.triton") for m in sys.modules)
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)

@@ -24,7 +24,7 @@ from batchllm.planner import Plan
 from batchllm.scheduler.policies import make_scheduler
 from batchllm.sequence import Sequence
 from batchllm.tokenizer import Tokenizer
-from batchllm.attention.select import make_attention
+from batchllm.attention.select import AttentionFeatures, make_attention
 
 if TYPE_CHECKING:
     from batchllm.structured.grammars import GrammarCache
@@ -57,6 +57,7 @@ class Engine:
         model.kernels = kernels
         self.runner = ModelRunner(model, self.num_blocks, config.block_size, self.dtype, self.device,
                                   make_attention(config.attention, self.device, self.dtype, mc.head_dim, kernels,
+                                                 AttentionFeatures(mc.layer_windows, mc.attn_logit_softcapping),
                                                  (mc.num_heads, mc.num_kv_heads)))
         self.sampler = Sampler(kernels, LogitsProcessors(self.tokenizer))
         self.prompt_logprobs = PromptLogprobs([])  # the last run's

@@ -56,8 +56,6 @@ def engine_limits(cfg: EngineConfig, mc: ModelConfig) -> Limits:
     """The limits an engine for `cfg` and the model `mc` runs with; ValueError for a
     `max_model_len` beyond the model's or a KV memory too small for one block."""
     limit = mc.max_position_embeddings
-    if mc.sliding_window:  # NOTE: no sliding-window attention: stay inside the window.
-        limit = min(limit, mc.sliding_window)
     if cfg.max_model_len is not None and cfg.max_model_len > limit:
         raise ValueError(f"max_model_len {cfg.max_model_len} exceeds the model's limit {limit}")
     dtype = effective_dtype(cfg, mc)

@@ -26,6 +26,8 @@ ARCHS: dict[str, tuple[str, str]] = {
     "phi3": ("Phi3ForCausalLM", "phi3"),
     "mixtral": ("MixtralForCausalLM", "mixtral"),
     "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
+    "gemma2": ("Gemma2ForCausalLM", "gemma2"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
 }
 
 SHAPES: dict[str, dict[str, int]] = {
@@ -139,7 +141,19 @@ def _build_config(arch: str, shape: str, dtype: str, overrides: dict[str, Any]) 
                    partial_rotary_factor=1.0)
     if qwen:
         cfg.update(use_sliding_window=False, sliding_window=None)
+    gemma = arch.startswith("gemma")
+    if gemma:  # a small window, so short test prompts cross it; a scale other than head_dim's
+        cfg.update(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh", sliding_window=8,
+                   query_pre_attn_scalar=24, attention_bias=False,
+                   final_logit_softcapping=30.0 if arch == "gemma2" else None,
+                   attn_logit_softcapping=50.0 if arch == "gemma2" else None)
+        if arch == "gemma3":
+            cfg.update(rope_local_base_freq=10_000.0, use_bidirectional_attention=False)
     cfg.update(overrides)
+    if gemma and "layer_types" not in overrides:  # Gemma 2 alternates; Gemma 3: one global layer in 6 (at least one)
+        every, n = (2 if arch == "gemma2" else 6), cfg["num_hidden_layers"]
+        cfg["layer_types"] = ["sliding_attention" if (i + 1) % every and i < n - 1 else "full_attention"
+                              for i in range(n)]
     if qwen:
         cfg.setdefault("max_window_layers", cfg["num_hidden_layers"])
     cfg.setdefault("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
@@ -147,6 +161,9 @@ def _build_config(arch: str, shape: str, dtype: str, overrides: dict[str, Any]) 
         rope = dict(cfg["rope_scaling"] or {"rope_type": "default"})
         rope.setdefault("rope_type", rope.pop("type", "default"))
         cfg["rope_parameters"] = {**rope, "rope_theta": cfg["rope_theta"]}
+        if arch == "gemma3":  # one rope per layer type; the global layers' may be scaled
+            cfg["rope_parameters"] = {"full_attention": cfg["rope_parameters"], "sliding_attention": {
+                "rope_type": "default", "rope_theta": cfg["rope_local_base_freq"]}}
     return cfg
 
 
@@ -165,10 +182,13 @@ def _weight_shapes(cfg: dict[str, Any], arch: str) -> dict[str, tuple[int, ...]]
             if arch == "qwen2":
                 shapes[p + f"self_attn.{name}_proj.bias"] = (out,)
         shapes[p + "self_attn.o_proj.weight"] = (h, q)
-        if arch in ("qwen3", "qwen3_moe"):
+        if arch in ("qwen3", "qwen3_moe", "gemma3"):
             shapes[p + "self_attn.q_norm.weight"] = (hd,)
             shapes[p + "self_attn.k_norm.weight"] = (hd,)
         shapes[p + "post_attention_layernorm.weight"] = (h,)
+        if arch.startswith("gemma"):
+            shapes[p + "pre_feedforward_layernorm.weight"] = (h,)
+            shapes[p + "post_feedforward_layernorm.weight"] = (h,)
         if arch == "phi3":
             shapes[p + "mlp.gate_up_proj.weight"] = (2 * inter, h)
         elif arch == "mixtral":  # as on the Hub: one w1 (gate), w3 (up), w2 (down) per expert
@@ -194,10 +214,11 @@ def _weight_shapes(cfg: dict[str, Any], arch: str) -> dict[str, tuple[int, ...]]
 
 
 def _random_weights(
-    shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype
+    shapes: dict[str, tuple[int, ...]], seed: int, dtype: torch.dtype, unit_offset_norms: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Deterministic per seed: 1 + normal(0, 0.1) for norm weights, normal(0, 0.02) for biases,
-    normal(0, 1/sqrt(fan_in)) for matrices and normal(0, 1) for embeddings.
+    """Deterministic per seed: 1 + normal(0, 0.1) for norm weights (normal(0, 0.1) where the
+    norm multiplies by 1 + weight, as Gemma's), normal(0, 0.02) for biases, normal(0, 1/sqrt(fan_in))
+    for matrices and normal(0, 1) for embeddings.
 
     NOTE: unit-variance activations (rather than the 0.02 training init) make a random model's
     greedy outputs varied instead of one token repeated, so equality tests have teeth.
@@ -207,7 +228,7 @@ def _random_weights(
     for name, shape in shapes.items():
         t = torch.randn(shape, generator=gen, dtype=torch.float32)
         if "norm" in name:
-            t = t.mul_(0.1).add_(1.0)
+            t = t.mul_(0.1).add_(0.0 if unit_offset_norms else 1.0)
         elif "embed_tokens" in name:
             pass
         else:
@@ -243,7 +264,7 @@ def _save_weights(path: Path, tensors: dict[str, torch.Tensor], max_shard_size: 
 
 def _write_tokenizer(path: Path, cfg: dict[str, Any], arch: str, seed: int, chat_template_file: bool) -> None:
     """tokenizer.json (+ BOS post-processor for llama/mistral) and tokenizer_config.json."""
-    add_bos = arch in ("llama", "mistral", "phi3", "mixtral")
+    add_bos = arch in ("llama", "mistral", "phi3", "mixtral", "gemma2", "gemma3")
     tok = Tokenizer.from_str(_trained_tokenizer_json(cfg["vocab_size"], seed, arch.startswith("qwen")))
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(
@@ -280,7 +301,7 @@ def make_tiny_model(path: str | Path, arch: str = "llama", shape: str = "tiny", 
     out.mkdir(parents=True, exist_ok=True)
     cfg = _build_config(arch, shape, dtype, overrides)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    tensors = _random_weights(_weight_shapes(cfg, arch), seed, _DTYPES[dtype])
+    tensors = _random_weights(_weight_shapes(cfg, arch), seed, _DTYPES[dtype], unit_offset_norms=arch.startswith("gemma"))
     _save_weights(out, tensors, max_shard_size)
     _write_tokenizer(out, cfg, arch, seed, chat_template_file)
     gen = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, IM_END_ID], "do_sample": False}

@@ -93,7 +93,9 @@ class CpuExecutor:
     """Runs plans through the C kernels on the CPU (float32 and bfloat16 only).
 
     Decode queries always run in C. Prefill chunks run in C (`paged_prefill`) when `prefill_in_c`;
-    otherwise (no fast C path for the head size) in PyTorch, through `TorchExecutor`.
+    otherwise (no fast C path for the head size) in PyTorch, through `TorchExecutor`. The kernels
+    have no lower key bounds and no soft-capping, so plans with a sliding window are refused
+    (`select.make_executor` never picks this executor for models that have either).
     """
 
     def __init__(self, kernels: CpuKernels, prefill_in_c: bool = True) -> None:
@@ -103,6 +105,8 @@ class CpuExecutor:
         self.torch = TorchExecutor(CPU)
 
     def prepare(self, plan: AttentionPlan) -> CpuPrepared:
+        if plan.window is not None:
+            raise ValueError("CpuExecutor runs no sliding-window plans (the C kernels have no lower key bound)")
         bs, dec, pre = plan.block_size, plan.decodes, plan.prefills
         shared = None
         members = [i for g in plan.groups for i in g.decodes]  # group by group

@@ -30,7 +30,9 @@ class Executor(Protocol[Prepared]):
     (its `Prepared` type). `run` runs once per layer: `q` is [num_tokens, num_heads, head_dim] in
     the step's flat layout; `k_cache`/`v_cache` are one layer's pool, [num_kv_heads, num_slots,
     head_dim], already holding this step's new KV; it returns [num_tokens, num_heads, head_dim] in
-    q's dtype, each row the attention the plan describes for it.
+    q's dtype, each row the attention the plan describes for it, a windowed plan's lower key
+    bounds included (an executor without them raises in `prepare`, and `select.make_executor`
+    does not pick it for models with windows).
 
     A new executor (a GPU one, say) implements these two methods, gets an `ExecutorKind` and an
     `AUTO_SHARE` entry, and is picked in `select.make_executor`; the tests compare it with

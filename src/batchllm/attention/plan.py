@@ -9,6 +9,16 @@ Every query row attends its own sequence's keys causally. A sequence's keys are 
 where its group's prefix is shared: the prefix keys (attended once per group, by all members'
 rows together) and the sequence's own keys after them; the row's result is the log-sum-exp merge
 of the two parts. The unshared case is the plan with no groups.
+
+Sliding windows. A plan for the layers of one window size (`AttentionPlan.window`) limits every
+query row from below as well: the row at position p sees keys p - window + 1 .. p only. Keys are
+counted in each chunk's own coordinates, so the lower bound of a row whose own keys end at
+`limit` is `limit - window` (clamped at 0), the same rule for every chunk; a sequence's table is
+cut at the first block that any of its rows still sees, so the keys before it are never read. A
+group member shares its prefix on such a plan only while its whole context fits in the window
+(context <= window): then every one of its rows sees the whole prefix, the prefix pass needs no
+lower bound, and its own rows' lower bounds fall at or below 0. Members past that attend their
+windowed context on their own, exactly like unshared sequences.
 """
 
 from __future__ import annotations
@@ -33,8 +43,8 @@ class Chunks:
 
     Chunk c is the `num_rows[c]` query rows from flat row `rows[c]`, over the first `key_lens[c]`
     keys of block table `tables[c]` (trimmed to those keys). Its queries are the last positions of
-    those keys, so query j sees keys 0 .. `first_limits()[c]` + j - 1 (causal). The lists are
-    not modified after the plan is built.
+    those keys, so query j sees keys 0 .. `first_limits()[c]` + j - 1 (causal; on a windowed plan
+    only the last `window` of those). The lists are not modified after the plan is built.
     """
 
     rows: list[int]
@@ -74,7 +84,8 @@ class AttentionPlan:
 
     `decodes` are the one-query chunks, `prefills` those of more; together they cover the step's
     `num_tokens` flat rows exactly once. `share` is what the plan was built to share; `groups`
-    lists the groups that share something this step (possibly none).
+    lists the groups that share something this step (possibly none). `window`: the sliding window
+    of the layers this plan is for (None: global attention), see the module docstring.
     """
 
     share: Share
@@ -83,6 +94,7 @@ class AttentionPlan:
     decodes: Chunks
     prefills: Chunks
     groups: list[Group]
+    window: int | None = None
 
     @property
     def prefix_shared(self) -> bool:
@@ -100,12 +112,14 @@ class AttentionPlan:
         return any(g.prefills for g in self.groups)
 
 
-def build_plan(meta: AttentionMetadata, share: Share) -> AttentionPlan:
-    """The plan of the step `meta` describes, sharing group prefixes as `share` says.
+def build_plan(meta: AttentionMetadata, share: Share, window: int | None = None) -> AttentionPlan:
+    """The plan of the step `meta` describes, sharing group prefixes as `share` says, for layers
+    with sliding window `window` (None: global attention).
 
-    A sequence shares when it belongs to a group (`group_ids[i] >= 0`) with `shared_lens[i] > 0`
-    and `share` covers its kind of query. Groups are keyed by their prefix's physical blocks, not
-    by group id, so a wrong group id can never mix two prefixes' KV.
+    A sequence shares when it belongs to a group (`group_ids[i] >= 0`) with `shared_lens[i] > 0`,
+    `share` covers its kind of query and (with a window) its context fits in the window. Groups
+    are keyed by their prefix's physical blocks, not by group id, so a wrong group id can never
+    mix two prefixes' KV.
     """
     bs, n = meta.block_size, meta.num_seqs
     starts, lens, ctxs, tables = meta.query_starts, meta.query_lens, meta.context_lens, meta.block_tables
@@ -113,9 +127,11 @@ def build_plan(meta: AttentionMetadata, share: Share) -> AttentionPlan:
     members: dict[tuple[int, ...], list[int]] = {}  # prefix blocks -> member sequences
     if share is not Share.NONE:
         for i, (gid, sl) in enumerate(zip(meta.group_ids, meta.shared_lens)):
-            if gid >= 0 and sl > 0 and (share is Share.ALL or lens[i] == 1):
+            if gid >= 0 and sl > 0 and (share is Share.ALL or lens[i] == 1) and (window is None or ctxs[i] <= window):
                 members.setdefault(tuple(tables[i][: sl // bs]), []).append(i)
                 shared[i] = sl
+    if window is not None:  # unshared: skip the whole blocks no row sees (the first row sees ctx - len - window + 1 on)
+        shared = [s if s else max(0, c - q + 1 - window) // bs * bs for s, c, q in zip(shared, ctxs, lens)]
     # own keys: positions shared .. ctx (a table is cut only where it holds more than that)
     own = [t if s == 0 and len(t) == -(-c // bs) else t[s // bs: -(-c // bs)]
            for t, s, c in zip(tables, shared, ctxs)]
@@ -133,4 +149,4 @@ def build_plan(meta: AttentionMetadata, share: Share) -> AttentionPlan:
             index[i] = j
         groups = [Group(list(key), len(key) * bs, [index[i] for i in m if lens[i] == 1],
                         [index[i] for i in m if lens[i] > 1]) for key, m in members.items()]
-    return AttentionPlan(share, meta.num_tokens, bs, decodes, prefills, groups)
+    return AttentionPlan(share, meta.num_tokens, bs, decodes, prefills, groups, window)

@@ -10,8 +10,13 @@ Executor, chosen once when the engine is built (`make_executor`):
   Triton kernels (kernels/triton/). triton is imported only on this path.
 - Anything else (float16 on CPU, CUDA without triton, no compiler, `cpu_kernels=False`):
   `TorchExecutor`.
+- Models whose attention has features the C and Triton kernels lack (`AttentionFeatures`: sliding
+  windows, which need lower key bounds, and attention-logit soft-capping) run on `TorchExecutor`
+  too, which honours both in every pass.
 
-Plan, built once per step for all layers (`plan_step`, from `Attention.prepare`):
+Plan, built once per step for all layers of one window size (`plan_step`, from
+`Attention.prepare`): one for the global layers, one per sliding window among the layers (at most
+two for the models here):
 - mode "reference": nothing shared; "prefix-shared": every group member's queries share;
 - mode "auto": the executor's `AUTO_SHARE` kind of queries share when that saves at least its
   threshold of KV tokens read per layer (`cost.saved_tokens`); otherwise nothing is shared.
@@ -127,65 +132,100 @@ def rows_per_prefix_read(share: Share) -> int:
     return SHARED_DECODE_MEMBERS if share is Share.DECODES else MAX_ROWS
 
 
-def plan_step(meta: AttentionMetadata, mode: Mode, kind: ExecutorKind) -> AttentionPlan:
-    """The plan of one step under `mode` on an executor of `kind` (see the module docstring)."""
+def plan_step(meta: AttentionMetadata, mode: Mode, kind: ExecutorKind, window: int | None = None) -> AttentionPlan:
+    """The plan of one step under `mode` on an executor of `kind`, for the layers with sliding
+    window `window` (None: global attention); see the module docstring."""
     if mode is Mode.REFERENCE:
-        return build_plan(meta, Share.NONE)
+        return build_plan(meta, Share.NONE, window)
     if mode is Mode.PREFIX_SHARED:
-        return build_plan(meta, Share.ALL)
+        return build_plan(meta, Share.ALL, window)
     share, min_saved = AUTO_SHARE[kind]
-    plan = build_plan(meta, share)
+    plan = build_plan(meta, share, window)
     if not plan.groups:  # nothing to share: the same plan, on the reference path
         return dataclasses.replace(plan, share=Share.NONE)
     if saved_tokens(plan, rows_per_prefix_read(share)) >= min_saved:
         return plan
-    return build_plan(meta, Share.NONE)
+    return build_plan(meta, Share.NONE, window)
+
+
+@dataclass(frozen=True)
+class AttentionFeatures:
+    """What a model's attention needs beyond causal softmax at its scale: each layer's sliding
+    window (`windows`, one per layer, None: global; empty: all global) and attention-logit
+    soft-capping (`softcap`, None: none)."""
+
+    windows: tuple[int | None, ...] = ()
+    softcap: float | None = None
+
+    @property
+    def window_sizes(self) -> list[int | None]:
+        """The distinct windows among the layers, global (None) first: one plan each per step."""
+        sizes = set(self.windows) or {None}
+        return sorted(sizes, key=lambda w: -1 if w is None else w)
+
+    @property
+    def plain(self) -> bool:
+        """No windows and no soft-capping: what the C kernels run."""
+        return self.softcap is None and all(w is None for w in self.windows)
 
 
 @dataclass(frozen=True)
 class PreparedStep(Generic[Prepared]):
-    """A step's plan and the executor's index tensors for it."""
+    """A step's plans and the executor's index tensors for them, one per window size among the
+    model's layers (key None: the global layers)."""
 
-    plan: AttentionPlan
-    inputs: Prepared
+    plans: dict[int | None, AttentionPlan]
+    inputs: dict[int | None, Prepared]
+
+    @property
+    def plan(self) -> AttentionPlan:
+        """The global layers' plan (a model with windows on every layer: its first window's)."""
+        return self.plans[None] if None in self.plans else next(iter(self.plans.values()))
 
 
 class Attention(Generic[Prepared]):
-    """The engine's attention: `prepare` once per step (the plan, then the executor's index
-    tensors), `forward` once per layer (`Executor.run`'s contract)."""
+    """The engine's attention: `prepare` once per step (a plan per window size, then the
+    executor's index tensors), `forward` once per layer (`Executor.run`'s contract)."""
 
-    def __init__(self, mode: Mode | str, executor: Executor[Prepared]) -> None:
+    def __init__(self, mode: Mode | str, executor: Executor[Prepared], features: AttentionFeatures | None = None) -> None:
         self.mode = Mode(mode)
         self.executor = executor
+        self.windows = (features or AttentionFeatures()).window_sizes
 
     def prepare(self, meta: AttentionMetadata) -> PreparedStep[Prepared]:
-        plan = plan_step(meta, self.mode, self.executor.kind)
-        return PreparedStep(plan, self.executor.prepare(plan))
+        plans = {w: plan_step(meta, self.mode, self.executor.kind, w) for w in self.windows}
+        return PreparedStep(plans, {w: self.executor.prepare(p) for w, p in plans.items()})
 
     def forward(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, step: PreparedStep[Prepared],
-                scale: float) -> torch.Tensor:
-        return self.executor.run(q, k_cache, v_cache, step.inputs, scale)
+                scale: float, window: int | None = None) -> torch.Tensor:
+        """One layer's attention; `window`: that layer's sliding window (None: global)."""
+        return self.executor.run(q, k_cache, v_cache, step.inputs[window], scale)
 
 
 def make_executor(device: torch.device, dtype: torch.dtype, head_dim: int, kernels: CpuKernels | None,
-                  heads: tuple[int, int] | None = None) -> Executor:
+                  features: AttentionFeatures | None = None, heads: tuple[int, int] | None = None) -> Executor:
     """The executor for an engine on `device` in `dtype` with heads of `head_dim`; `kernels`: the
-    loaded C kernels, None where there are none (no compiler, or switched off); `heads`: (query
-    heads, KV heads), which the Triton executor packs into its rows (None: no Triton executor)."""
+    loaded C kernels, None where there are none (no compiler, or switched off); `features`: what
+    the model's attention needs (None: plain causal attention); `heads`: (query heads, KV heads),
+    which the Triton executor packs into its rows (None: no Triton executor)."""
     # NOTE: imported here because the executors import their constants from this module.
     from batchllm.attention.cpu_executor import CpuExecutor
     from batchllm.attention.torch_executor import TorchExecutor
 
-    if kernels is not None and device.type == "cpu" and dtype in KERNEL_DTYPES:
+    features = features or AttentionFeatures()
+    if kernels is not None and device.type == "cpu" and dtype in KERNEL_DTYPES and features.plain:
         return CpuExecutor(kernels, prefill_in_c=kernels.fast_prefill(head_dim))
-    if device.type == "cuda" and heads is not None and dtype in TRITON_DTYPES and triton_available():
+    if (device.type == "cuda" and heads is not None and dtype in TRITON_DTYPES and features.plain
+            and triton_available()):
         from batchllm.attention.triton_executor import TritonExecutor  # imports triton: CUDA only
 
         return TritonExecutor(device, *heads)
-    return TorchExecutor(device)
+    return TorchExecutor(device, softcap=features.softcap)
 
 
 def make_attention(mode: Mode | str, device: torch.device, dtype: torch.dtype, head_dim: int,
-                   kernels: CpuKernels | None, heads: tuple[int, int] | None = None) -> Attention:
-    """The engine's attention: `mode` (`EngineConfig.attention`) on the executor `make_executor` picks."""
-    return Attention(Mode(mode), make_executor(device, dtype, head_dim, kernels, heads))
+                   kernels: CpuKernels | None, features: AttentionFeatures | None = None,
+                   heads: tuple[int, int] | None = None) -> Attention:
+    """The engine's attention: `mode` (`EngineConfig.attention`) on the executor `make_executor`
+    picks, with a plan per window size of `features`."""
+    return Attention(Mode(mode), make_executor(device, dtype, head_dim, kernels, features, heads), features)

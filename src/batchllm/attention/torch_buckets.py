@@ -42,10 +42,11 @@ def bucketize(shapes: list[tuple[int, int]], slack: float, max_buckets: int | No
 class PrefillBucket:
     """Prefill chunks attended together: queries and keys padded to the bucket's longest.
 
-    Query row j of chunk b attends keys 0 .. limits[b, j]-1 (its position + 1). A bucket of fresh
-    chunks (each chunk is its key set's whole length) can also run under SDPA's causal flag:
-    padded at the end, every real query row i sees keys 0..i, and the kernel skips the blocks above
-    the diagonal.
+    Query row j of chunk b attends keys 0 .. limits[b, j]-1 (its position + 1), with a sliding
+    `window` only the last `window` of them. A bucket of fresh chunks (each chunk is its key set's
+    whole length, and no row's window cuts anything) can also run under SDPA's causal flag: padded
+    at the end, every real query row i sees keys 0..i, and the kernel skips the blocks above the
+    diagonal.
     """
 
     rows: torch.Tensor  # [B, Qmax] flat row of each query (padding repeats a real row)
@@ -54,20 +55,22 @@ class PrefillBucket:
     blocks: torch.Tensor  # [B, nb] padded block tables
     tmax: int  # keys per sequence after padding
     limits: torch.Tensor  # [B, Qmax] keys each query row attends
-    fresh: bool  # every chunk is its key set's whole length
+    fresh: bool  # every chunk is its key set's whole length, and no window cuts a row's keys
+    window: int | None = None
     _bias: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
 
     def bias(self, dtype: torch.dtype) -> torch.Tensor:
         """`limits` as an additive [B, 1, Qmax, Tmax] mask of `dtype`, built once per step."""
         if dtype not in self._bias:
-            self._bias[dtype] = additive_mask(key_mask(self.limits, self.tmax)[:, None], dtype)
+            self._bias[dtype] = additive_mask(key_mask(self.limits, self.tmax, self.window)[:, None], dtype)
         return self._bias[dtype]
 
 
 def prefill_bucket(chunks: list[tuple[int, int, int, list[int]]], block_size: int,
-                   dev: torch.device) -> PrefillBucket:
+                   dev: torch.device, window: int | None = None) -> PrefillBucket:
     """One bucket of prefill chunks (q_len, key_len, first flat row, block table): query j of a
-    chunk sits at position key_len - q_len + j and attends keys 0 .. that position."""
+    chunk sits at position key_len - q_len + j and attends keys 0 .. that position (the last
+    `window` of them)."""
     q = torch.tensor([c[0] for c in chunks], device=dev)
     ctx = torch.tensor([c[1] for c in chunks], device=dev)
     starts = torch.tensor([c[2] for c in chunks], device=dev)
@@ -78,13 +81,16 @@ def prefill_bucket(chunks: list[tuple[int, int, int, list[int]]], block_size: in
     qpos = ctx[:, None] - q[:, None] + torch.minimum(offs, q[:, None] - 1)  # [B, Qmax]
     tables = pad_rows([c[3] for c in chunks], dev, -(-tmax // block_size))
     valid_rows = valid_rows.flatten()
-    return PrefillBucket(rows, valid_rows, rows.flatten()[valid_rows], tables, tmax, qpos + 1, bool((q == ctx).all()))
+    fresh = bool((q == ctx).all()) and (window is None or tmax <= window)
+    return PrefillBucket(rows, valid_rows, rows.flatten()[valid_rows], tables, tmax, qpos + 1, fresh, window)
 
 
 def attend_bucket(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bucket: PrefillBucket,
-                  block_size: int, scale: float, need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  block_size: int, scale: float, need_lse: bool,
+                  softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of a bucket's real query rows over their chunks' KV in the pool ->
-    (out [R, H, d], lse [R, H] or None) for the R rows `bucket.real_rows`, in that order."""
+    (out [R, H, d], lse [R, H] or None) for the R rows `bucket.real_rows`, in that order.
+    With `softcap` every row goes through `attend_queries` (SDPA cannot soft-cap)."""
     b, qmax = bucket.rows.shape
     _, heads, d = q.shape
     g = heads // k_cache.shape[0]
@@ -92,8 +98,8 @@ def attend_bucket(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     v = gather_kv(v_cache, bucket.blocks, block_size)[:, :, :bucket.tmax].transpose(0, 1)
     qb = q[bucket.rows]  # [B, Qmax, H, d]
     lse = None
-    if need_lse and not bucket.fresh:
-        o, lse = attend_queries(qb, k, v, bucket.limits, scale, need_lse)
+    if softcap is not None or (need_lse and not bucket.fresh):
+        o, lse = attend_queries(qb, k, v, bucket.limits, scale, need_lse, bucket.window, softcap)
     elif need_lse:  # fresh chunks padded at the end: the causal flag is exact for the real rows
         o, lse = attend_causal(qb, k, v, scale)
     else:
@@ -148,7 +154,7 @@ def group_buckets(prefixes: list[tuple[list[int], int, list[int]]], num_tokens: 
 
 
 def attend_group_bucket(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bucket: GroupBucket,
-                        block_size: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                        block_size: int, scale: float, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of a bucket's member rows over their group prefix, each prefix's KV gathered
     once and all its members' rows stacked -> (out [R, H, d], lse [R, H]) for the R real rows, in
     the order of `bucket.dst`."""
@@ -159,7 +165,8 @@ def attend_group_bucket(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     qg = q[bucket.rows].view(gn, r, kvh, g, d).permute(2, 0, 1, 3, 4).reshape(kvh, gn, r * g, d)
     k = gather_kv(k_cache, bucket.blocks, block_size)  # [kvh, G, L, d]
     v = gather_kv(v_cache, bucket.blocks, block_size)
-    o, lse = attend(qg, k, v, bucket.limits, scale)  # [kvh, G, R*g, d], [kvh, G, R*g]
+    # NOTE: no window here: a plan shares a prefix only with members whose rows all see all of it
+    o, lse = attend(qg, k, v, bucket.limits, scale, softcap=softcap)  # [kvh, G, R*g, d], [kvh, G, R*g]
     assert lse is not None
     o = o.view(kvh, gn, r, g, d).permute(1, 2, 0, 3, 4).reshape(gn * r, heads, d)
     lse = lse.view(kvh, gn, r, g).permute(1, 2, 0, 3).reshape(gn * r, heads)

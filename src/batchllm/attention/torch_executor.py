@@ -46,7 +46,7 @@ class TorchPrepared:
     group members); `prefills`: prefill chunks attended without lse (an unshared plan's);
     `prefills_lse`: prefill chunks attended with their lse (a sharing plan's), cut into pieces of
     at most `max_rows`; `groups`: the group prefix passes, merged into their members' rows.
-    `need_lse`: the step keeps an lse per row.
+    `need_lse`: the step keeps an lse per row. `window`: the plan's sliding window (None: none).
     """
 
     decodes: DecodeBatch | None
@@ -56,6 +56,7 @@ class TorchPrepared:
     groups: list[GroupBucket]
     need_lse: bool
     block_size: int
+    window: int | None = None
 
 
 class TorchExecutor:
@@ -65,14 +66,18 @@ class TorchExecutor:
     groups padded into buckets, then log-sum-exp merged with the members' own parts.
 
     `max_rows` bounds the query rows of one pass where scores or masks are materialised (a group's
-    stacked rows, a prefill piece attended with its lse): see `select.MAX_ROWS`.
+    stacked rows, a prefill piece attended with its lse): see `select.MAX_ROWS`. `softcap`: the
+    model's attention-logit soft-capping (None: none), applied in every pass. A windowed plan's
+    rows get their lower key bounds in every pass too (group prefix passes need none: see
+    attention/plan.py).
     """
 
     kind = ExecutorKind.TORCH
 
-    def __init__(self, device: torch.device, max_rows: int = MAX_ROWS) -> None:
+    def __init__(self, device: torch.device, max_rows: int = MAX_ROWS, softcap: float | None = None) -> None:
         self.device = device
         self.max_rows = max_rows
+        self.softcap = softcap
 
     def prepare(self, plan: AttentionPlan) -> TorchPrepared:
         return self.prepare_parts(plan, decodes=True)
@@ -109,16 +114,17 @@ class TorchExecutor:
                 prefixes.append((g.blocks, g.num_keys, rows))
         decode_lse = decodes and plan.merges_decodes
         return TorchPrepared(
-            batch, decode_lse, self._buckets(chunks, bs), self._buckets(pieces, bs),
+            batch, decode_lse, self._buckets(chunks, bs, plan.window), self._buckets(pieces, bs, plan.window),
             group_buckets(prefixes, plan.num_tokens, self.max_rows, GROUP_BUCKET_SLACK, GROUP_MAX_BUCKETS, dev),
-            bool(prefixes or pieces), bs)
+            bool(prefixes or pieces), bs, plan.window)
 
-    def _buckets(self, chunks: list[tuple[int, int, int, list[int]]], block_size: int) -> list[PrefillBucket]:
+    def _buckets(self, chunks: list[tuple[int, int, int, list[int]]], block_size: int,
+                 window: int | None) -> list[PrefillBucket]:
         """Prefill chunks (q_len, key_len, first row, blocks) in buckets; fresh chunks (q_len ==
         key_len, which may run under the causal flag) and continuing ones kept apart."""
         shapes = [(c[0], c[1]) for c in chunks]
         kinds = [c[0] != c[1] for c in chunks]
-        return [prefill_bucket([chunks[j] for j in b], block_size, self.device)
+        return [prefill_bucket([chunks[j] for j in b], block_size, self.device, window)
                 for b in bucketize(shapes, PREFILL_BUCKET_SLACK, kinds=kinds)] if chunks else []
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, prepared: TorchPrepared,
@@ -130,26 +136,27 @@ class TorchExecutor:
                   scale: float, out: torch.Tensor | None = None, lse: torch.Tensor | None = None) -> torch.Tensor:
         """Run `p`'s parts into the rows of `out` (and their lse into `lse`), allocating what is
         None; returns the tensor holding the result (a merged whole-step bucket is a new one)."""
-        bs, d = p.block_size, p.decodes
+        bs, d, w, cap = p.block_size, p.decodes, p.window, self.softcap
         if d is not None and d.rows is None:  # every row is a decode query: no gather/scatter of rows
-            out, lse = attend_decode(q, k_cache, v_cache, d.blocks, d.lens, bs, scale, p.decode_lse)
+            out, lse = attend_decode(q, k_cache, v_cache, d.blocks, d.lens, bs, scale, p.decode_lse, w, cap)
         else:
             if out is None:
                 out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
             if lse is None and p.need_lse:
                 lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
             if d is not None:
-                o, dl = attend_decode(q[d.rows], k_cache, v_cache, d.blocks, d.lens, bs, scale, p.decode_lse)
+                o, dl = attend_decode(q[d.rows], k_cache, v_cache, d.blocks, d.lens, bs, scale, p.decode_lse, w, cap)
                 out[d.rows] = o
                 if dl is not None:
                     lse[d.rows] = dl  # type: ignore[index]
         for bucket in p.prefills:
-            out[bucket.real_rows], _ = attend_bucket(q, k_cache, v_cache, bucket, bs, scale, need_lse=False)
+            out[bucket.real_rows], _ = attend_bucket(q, k_cache, v_cache, bucket, bs, scale, need_lse=False,
+                                                     softcap=cap)
         for bucket in p.prefills_lse:
             out[bucket.real_rows], lse[bucket.real_rows] = attend_bucket(  # type: ignore[index]
-                q, k_cache, v_cache, bucket, bs, scale, need_lse=True)
+                q, k_cache, v_cache, bucket, bs, scale, need_lse=True, softcap=cap)
         for bk in p.groups:
-            o, pl = attend_group_bucket(q, k_cache, v_cache, bk, bs, scale)
+            o, pl = attend_group_bucket(q, k_cache, v_cache, bk, bs, scale, cap)
             assert lse is not None
             if bk.dst is None:
                 return merge_attention(o, pl, out, lse).to(q.dtype)

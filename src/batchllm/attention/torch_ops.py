@@ -37,27 +37,42 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
-def key_mask(limits: torch.Tensor, t: int) -> torch.Tensor:
-    """[..., t] bool: key j is attended where j < limits[...]."""
-    return torch.arange(t, device=limits.device) < limits[..., None]
+def key_mask(limits: torch.Tensor, t: int, window: int | None = None) -> torch.Tensor:
+    """[..., t] bool: key j is attended where j < limits[...] (and, with a sliding `window`,
+    j >= limits[...] - window)."""
+    keys = torch.arange(t, device=limits.device)
+    mask = keys < limits[..., None]
+    if window is not None:
+        mask &= keys >= limits[..., None] - window
+    return mask
+
+
+def soft_cap(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Attention-logit soft-capping, cap * tanh(scores / cap), in place (None: unchanged)."""
+    if cap is None:
+        return scores
+    return scores.div_(cap).tanh_().mul_(cap)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limits: torch.Tensor | None, scale: float,
-           need_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+           need_lse: bool = True, window: int | None = None,
+           softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Softmax attention with query heads folded per KV head; returns (out, log-sum-exp).
 
     q: [B, kvh, M, d] (M = queries × heads per KV head), k/v: [B, kvh, T, d]; query row r attends
-    keys 0 .. limits[r]-1 (`limits`: integer tensor broadcastable to [B, kvh, M]; None: all T).
+    keys 0 .. limits[r]-1 (`limits`: integer tensor broadcastable to [B, kvh, M]; None: all T),
+    with a sliding `window` only keys limits[r]-window .. limits[r]-1. `softcap`: the scaled
+    scores are soft-capped before the softmax (Gemma 2), which the flash kernel cannot do.
     Softmax statistics are float32; out has q's dtype. Rows with nothing to attend to get out 0
     and lse -inf, so they merge correctly. With `need_lse=False` the lse may be skipped (None).
     NOTE: for few-row (decode) queries bf16 `scaled_dot_product_attention` is several times
     slower on CPU than matmul + softmax, so those never take the SDPA path.
     """
     t = k.shape[-2]
-    mask = None if limits is None else key_mask(limits, t)
-    if q.shape[-2] >= flash_min_rows(q.dtype) and q.device.type == "cpu":
+    mask = None if limits is None else key_mask(limits, t, window)
+    if softcap is None and q.shape[-2] >= flash_min_rows(q.dtype) and q.device.type == "cpu":
         return _attend_flash(q, k, v, mask, scale)
-    scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
+    scores = soft_cap(torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale), softcap)
     if mask is not None:
         scores.masked_fill_(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
@@ -77,16 +92,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limits: torch.Tens
 
 
 def attend_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
-                  lens: torch.Tensor, block_size: int, scale: float,
-                  need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  lens: torch.Tensor, block_size: int, scale: float, need_lse: bool, window: int | None = None,
+                  softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Decode attention of one query per sequence, q [B, H, d], over keys 0 .. lens[b]-1 of block
-    table blocks[b] in one layer's pool -> (out [B, H, d], lse [B, H] float32 or None): one
-    padded gather, then `attend`."""
+    table blocks[b] (the last `window` of them) in one layer's pool -> (out [B, H, d], lse [B, H]
+    float32 or None): one padded gather, then `attend`."""
     b, heads, d = q.shape
     kvh = k_cache.shape[0]
     k = gather_kv(k_cache, blocks, block_size)  # [kvh, B, T, d]
     v = gather_kv(v_cache, blocks, block_size)
-    o, lse = attend(q.view(b, kvh, heads // kvh, d).transpose(0, 1), k, v, lens[None, :, None], scale, need_lse)
+    o, lse = attend(q.view(b, kvh, heads // kvh, d).transpose(0, 1), k, v, lens[None, :, None], scale, need_lse,
+                    window, softcap)
     return o.transpose(0, 1).reshape(b, heads, d), None if lse is None else lse.transpose(0, 1).reshape(b, heads)
 
 
@@ -102,10 +118,11 @@ def _attend_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
 
 
 def attend_queries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limits: torch.Tensor, scale: float,
-                   need_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   need_lse: bool = True, window: int | None = None,
+                   softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`attend` for query tokens: q [B, n, H, d] over k/v [B, kvh, T, d], query j of sequence b
-    seeing keys 0 .. limits[b, j]-1 (`limits` broadcastable to [B, n]) -> (out [B, n, H, d],
-    lse [B, n, H] or None).
+    seeing keys 0 .. limits[b, j]-1 (the last `window` of them; `limits` broadcastable to
+    [B, n]) -> (out [B, n, H, d], lse [B, n, H] or None).
 
     NOTE: the g query heads of a KV head are folded into rows (head in group, query), so each KV
     head is one matmul; the limits repeat per folded head and broadcast over the KV heads.
@@ -115,7 +132,7 @@ def attend_queries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, limits: to
     g = heads // kvh
     qf = q.reshape(b, n, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(b, kvh, g * n, d)
     lim = limits.expand(b, n)[:, None, None, :].expand(b, 1, g, n).reshape(b, 1, g * n)
-    o, lse = attend(qf, k, v, lim, scale, need_lse)
+    o, lse = attend(qf, k, v, lim, scale, need_lse, window, softcap)
     o = o.view(b, kvh, g, n, d).permute(0, 3, 1, 2, 4).reshape(b, n, heads, d)
     if lse is not None:
         lse = lse.view(b, kvh, g, n).permute(0, 3, 1, 2).reshape(b, n, heads)

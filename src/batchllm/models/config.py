@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # the dtypes a model and its KV pool run in
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
-                 "MixtralForCausalLM", "Qwen3MoeForCausalLM")
+                 "MixtralForCausalLM", "Qwen3MoeForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "dynamic")
 
 
@@ -65,6 +66,17 @@ class ModelConfig:
     sparse_layers: tuple[int, ...] = ()  # the layers whose MLP is the experts
     # GGUF files of Llama 3.1+: rope frequency i is divided by factor i (models/gguf_file.py)
     rope_freq_factors: tuple[float, ...] | None = None
+    # Sliding windows per layer (None: global); empty: no layer has one. Mistral/Phi3/Mixtral:
+    # every layer; Qwen with use_sliding_window: the layers from max_window_layers on; Gemma: by
+    # `layer_types` (or its default pattern).
+    layer_windows: tuple[int | None, ...] = ()
+    # Gemma 2/3: RMSNorm as x * (1 + w) in float32, norms before and after attention and MLP,
+    # embeddings scaled by sqrt(hidden), gelu-tanh MLP (models/llama.py)
+    gemma: bool = False
+    attn_scale: float | None = None  # softmax scale (Gemma: query_pre_attn_scalar ** -0.5); None: head_dim ** -0.5
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    local_rope_theta: float | None = None  # Gemma 3: the sliding layers' rope base (default rope)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -84,10 +96,13 @@ class ModelConfig:
         heads = int(cfg["num_attention_heads"])
         kv_heads = int(cfg.get("num_key_value_heads") or heads)
         head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
-        act = cfg.get("hidden_act", "silu")
+        gemma = arch in GEMMA
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
         problems = []
-        if act != "silu":
-            problems.append(f"hidden_act {act!r} is not supported (only silu)")
+        if act != ("gelu_pytorch_tanh" if gemma else "silu"):
+            problems.append(f"hidden_act {act!r} is not supported ({'gelu_pytorch_tanh' if gemma else 'silu'} only)")
+        if gemma and cfg.get("use_bidirectional_attention"):
+            problems.append("use_bidirectional_attention is not supported")
         if heads % kv_heads:
             problems.append(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
         for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
@@ -96,6 +111,17 @@ class ModelConfig:
         # Rope: transformers 5 writes `rope_parameters` (with rope_theta inside); older configs
         # write `rope_theta` and `rope_scaling` at the top level.
         rope = dict(cfg.get("rope_parameters") or {})
+        local_theta = None
+        if arch == "Gemma3ForCausalLM":
+            # rope per layer type: {"full_attention": {...}, "sliding_attention": {...}} (or the
+            # older rope_theta / rope_local_base_freq / rope_scaling at the top level)
+            local = rope.get("sliding_attention") or {}
+            local_theta = float(local.get("rope_theta", cfg.get("rope_local_base_freq", 10000.0)))
+            if local.get("rope_type", "default") != "default":
+                problems.append("Gemma 3 sliding layers with a rope type other than default are not supported")
+            rope = dict(rope.get("full_attention") or {}) if "full_attention" in rope or "sliding_attention" in rope \
+                else rope
+            rope.setdefault("rope_theta", cfg.get("rope_theta", 1_000_000.0))
         scaling = cfg.get("rope_scaling") or {}
         theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
         merged = {**scaling, **{k: v for k, v in rope.items() if k != "rope_theta"}}
@@ -114,9 +140,27 @@ class ModelConfig:
         if problems:
             raise ValueError("bad config.json: " + "; ".join(problems))
         moe = _moe_fields(arch, cfg)
-        window = cfg.get("sliding_window")
+        window = cfg.get("sliding_window", 4096 if gemma else None)  # transformers' Gemma default
+        if gemma and not window:  # its sliding layers (and Gemma 3's local rope) need one
+            raise ValueError("bad config.json: a Gemma config needs a sliding_window")
         if arch.startswith("Qwen") and not cfg.get("use_sliding_window", False):
             window = None
+        layers = int(cfg["num_hidden_layers"])
+        windows: tuple[int | None, ...] = ()
+        if window:
+            types = cfg.get("layer_types")
+            if types is None and arch.startswith("Qwen"):
+                start = int(cfg.get("max_window_layers", layers))
+                types = ["sliding_attention" if i >= start else "full_attention" for i in range(layers)]
+            elif types is None and gemma:
+                every = 2 if arch == "Gemma2ForCausalLM" else int(cfg.get("sliding_window_pattern", 6))
+                types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(layers)]
+            elif types is None or arch in ("MistralForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM"):
+                types = ["sliding_attention"] * layers  # these apply the window on every layer
+            windows = tuple(int(window) if t == "sliding_attention" else None for t in types)
+            if all(w is None for w in windows):
+                windows = ()
+        scalar = cfg.get("query_pre_attn_scalar", 256) if gemma else None
         return cls(
             architecture=arch,
             vocab_size=int(cfg["vocab_size"]),
@@ -130,13 +174,22 @@ class ModelConfig:
             rope_theta=theta,
             rope_scaling=None if rope_type == "default" else {**merged, "rope_type": rope_type},
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
             qkv_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
-            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM"),
             dtype=dtype,
             sliding_window=int(window) if window else None,
             partial_rotary_factor=partial,
             rope_freq_factors=tuple(cfg["rope_freq_factors"]) if cfg.get("rope_freq_factors") else None,
+            layer_windows=windows,
+            gemma=gemma,
+            attn_scale=float(scalar) ** -0.5 if scalar else None,
+            # absent keys take transformers' defaults (Gemma 2: 50 and 30; Gemma 3: none); Gemma 3's
+            # attention never soft-caps, whatever its config says
+            attn_logit_softcapping=cfg.get("attn_logit_softcapping", 50.0) if arch == "Gemma2ForCausalLM" else None,
+            final_logit_softcapping=cfg.get("final_logit_softcapping", 30.0 if arch == "Gemma2ForCausalLM" else None)
+            if gemma else None,
+            local_rope_theta=local_theta,
             **moe,
             extra=cfg,
         )

@@ -1,8 +1,9 @@
-"""Llama / Mistral / Qwen2 / Qwen3 / Phi3 decoder (and Mixtral / Qwen3-MoE, whose MLPs are
-experts: models/moe.py) over a flat token batch and a paged KV pool.
+"""Llama / Mistral / Qwen2 / Qwen3 / Phi3 / Gemma 2 / Gemma 3 decoder (and Mixtral / Qwen3-MoE,
+whose MLPs are experts: models/moe.py) over a flat token batch and a paged KV pool.
 
 The architectures differ only in a few switches of `ModelConfig` (q/k/v bias, q/k RMSNorm,
-rope scaling, partial rotary, experts). q/k/v and gate/up projections are fused into one
+rope scaling, partial rotary, experts, sliding windows per layer, Gemma's norms, scaled
+embeddings, gelu-tanh MLP and soft-capping). q/k/v and gate/up projections are fused into one
 matmul each.
 
 A layer is two pure functions around attention, `attention_inputs` (norm, q/k/v, rope) and
@@ -12,6 +13,8 @@ the dev CPU: 1.3x on one layer at 2,048 tokens, but no gain on a whole batch, so
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +28,13 @@ from batchllm.models.linear import can_pack, linear, pack
 from batchllm.models.moe import SparseMoE, attention_output_and_moe
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # NOTE: normalise in float32 and cast back before the weight, as transformers does.
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False) -> torch.Tensor:
+    """RMSNorm. Llama-style: normalise in float32, cast back, then times the weight; Gemma-style
+    (`unit_offset`): times (1 + weight) in float32, then cast back (as transformers does each)."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:
+        return (xf * (1.0 + weight.float())).to(x.dtype)
     return weight * xf.to(x.dtype)
 
 
@@ -46,16 +52,20 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 def attention_inputs(h: torch.Tensor, ln_w: torch.Tensor, eps: float, qkv_w: torch.Tensor,
                      qkv_b: torch.Tensor | None, q_norm_w: torch.Tensor | None, k_norm_w: torch.Tensor | None,
                      cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
-                     kernels: CpuKernels | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     kernels: CpuKernels | None = None,
+                     unit_offset: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Input norm, fused q/k/v projection, optional q/k norm and rope: q [n, heads, d], k/v [n, kvh, d].
-    With `kernels` the input norm is one C pass (`CpuKernels.rms_norm`)."""
+    With `kernels` the input norm is one C pass (`CpuKernels.rms_norm`, Llama-style only);
+    `unit_offset`: Gemma-style norms."""
     n = h.shape[0]
-    qkv = linear(rms_norm(h, ln_w, eps) if kernels is None else kernels.rms_norm(h, ln_w, eps), qkv_w, qkv_b)
+    normed = rms_norm(h, ln_w, eps, unit_offset) if kernels is None else kernels.rms_norm(h, ln_w, eps)
+    qkv = linear(normed, qkv_w, qkv_b)
     # NOTE: q and k are adjacent in the fused projection: one rope pass rotates both (2x faster
     # than two); q and k come back as views of that one tensor.
     qk = qkv[:, : (heads + kv_heads) * head_dim].view(n, heads + kv_heads, head_dim)
     if q_norm_w is not None and k_norm_w is not None:
-        qk = torch.cat([rms_norm(qk[:, :heads], q_norm_w, eps), rms_norm(qk[:, heads:], k_norm_w, eps)], dim=1)
+        qk = torch.cat([rms_norm(qk[:, :heads], q_norm_w, eps, unit_offset),
+                        rms_norm(qk[:, heads:], k_norm_w, eps, unit_offset)], dim=1)
     qk = rotate(qk, cos, sin)
     return qk[:, :heads], qk[:, heads:], qkv[:, (heads + kv_heads) * head_dim:].reshape(n, kv_heads, head_dim)
 
@@ -74,14 +84,30 @@ def attention_output_and_mlp(h: torch.Tensor, attn: torch.Tensor, o_w: torch.Ten
     return h + linear(F.silu(gate).mul_(up), down_w)
 
 
+def gemma_attention_output_and_mlp(h: torch.Tensor, attn: torch.Tensor, o_w: torch.Tensor, post_attn_w: torch.Tensor,
+                                   pre_ff_w: torch.Tensor, post_ff_w: torch.Tensor, eps: float,
+                                   gate_up_w: torch.Tensor, down_w: torch.Tensor) -> torch.Tensor:
+    """The rest of a Gemma 2/3 layer: the attention output and the gelu-tanh MLP are each normed
+    before they join the residual, and the MLP's input is normed too (all Gemma-style norms)."""
+    h = h + rms_norm(linear(attn, o_w), post_attn_w, eps, True)
+    gate, up = linear(rms_norm(h, pre_ff_w, eps, True), gate_up_w).chunk(2, dim=-1)
+    return h + rms_norm(linear(F.gelu(gate, approximate="tanh").mul_(up), down_w), post_ff_w, eps, True)
+
+
+def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap) (None: x unchanged)."""
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.unit_offset = unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, self.unit_offset)
 
 
 class Rotary(nn.Module):
@@ -122,9 +148,9 @@ class Attention(nn.Module):
         self.h, self.kvh, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.h + 2 * self.kvh) * self.d, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=False)
-        self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.scale = self.d ** -0.5
+        self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps, cfg.gemma) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps, cfg.gemma) if cfg.qk_norm else None
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else self.d ** -0.5
 
 
 class MLP(nn.Module):
@@ -137,10 +163,13 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma)
         self.mlp: MLP | SparseMoE = SparseMoE(cfg) if cfg.is_sparse(index) else MLP(cfg)
+        if cfg.gemma:  # the MLP's input and output norms
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, True)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, True)
 
 
 class CausalLM(nn.Module):
@@ -151,11 +180,14 @@ class CausalLM(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.gemma)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(cfg, max_positions)
+        # Gemma 3's sliding layers rotate by their own (default) rope base
+        self.local_rotary = Rotary(local_rope_config(cfg), max_positions) if cfg.local_rope_theta is not None else None
+        self.windows = cfg.layer_windows or (None,) * cfg.num_layers
         self.kernels: CpuKernels | None = None  # set by the engine: the C norm and activation passes
 
     def pack_linear_weights(self) -> int:
@@ -181,18 +213,31 @@ class CausalLM(nn.Module):
         greedy argmax itself)."""
         cfg, n = self.cfg, input_ids.shape[0]
         h = self.embed_tokens(input_ids)
+        # NOTE: Gemma norms run in PyTorch: the C norm is Llama-style.
+        kernels = None if cfg.gemma else self.kernels
+        if cfg.gemma:  # the scale rounded to the model dtype first, as transformers does
+            h = h * torch.tensor(cfg.hidden_size ** 0.5, dtype=torch.float32).to(h.dtype)
         cos, sin = self.rotary.tables(positions, h.dtype)
+        local = self.local_rotary.tables(positions, h.dtype) if self.local_rotary is not None else (cos, sin)
         for i, layer in enumerate(self.layers):
-            at = layer.self_attn
+            at, window = layer.self_attn, self.windows[i]
+            lcos, lsin = (cos, sin) if window is None else local
             q, k, v = attention_inputs(
                 h, layer.input_layernorm.weight, cfg.rms_norm_eps, at.qkv_proj.weight, at.qkv_proj.bias,
                 at.q_norm.weight if at.q_norm is not None else None,
                 at.k_norm.weight if at.k_norm is not None else None,
-                cos, sin, at.h, at.kvh, at.d, self.kernels)
+                lcos, lsin, at.h, at.kvh, at.d, kernels, cfg.gemma)
             k_cache, v_cache = kv_cache[i, 0], kv_cache[i, 1]
             k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
             v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
-            attn = backend.forward(q, k_cache, v_cache, prepared, at.scale).reshape(n, at.h * at.d)
+            attn = backend.forward(q, k_cache, v_cache, prepared, at.scale, window).reshape(n, at.h * at.d)
+            if cfg.gemma:
+                assert isinstance(layer.mlp, MLP)
+                h = gemma_attention_output_and_mlp(
+                    h, attn, at.o_proj.weight, layer.post_attention_layernorm.weight,
+                    layer.pre_feedforward_layernorm.weight, layer.post_feedforward_layernorm.weight, cfg.rms_norm_eps,
+                    layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight)
+                continue
             if isinstance(layer.mlp, SparseMoE):
                 h = attention_output_and_moe(h, attn, at.o_proj.weight, layer.post_attention_layernorm.weight,
                                              cfg.rms_norm_eps, layer.mlp, self.kernels)
@@ -201,4 +246,10 @@ class CausalLM(nn.Module):
                                          cfg.rms_norm_eps, layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight,
                                          self.kernels)
         h = self.norm(h[logits_rows])
-        return linear(h, self.lm_head.weight)
+        return soft_cap(linear(h, self.lm_head.weight), cfg.final_logit_softcapping)
+
+
+def local_rope_config(cfg: ModelConfig) -> ModelConfig:
+    """The config Gemma 3's sliding layers rotate by: its local base, default rope."""
+    assert cfg.local_rope_theta is not None
+    return dataclasses.replace(cfg, rope_theta=cfg.local_rope_theta, rope_scaling=None)

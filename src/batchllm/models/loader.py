@@ -13,7 +13,7 @@ from safetensors import safe_open
 from batchllm.models import gguf_file
 from batchllm.models.config import ModelConfig
 from batchllm.models.folder import ModelFolderError, weight_files
-from batchllm.models.llama import CausalLM, Rotary
+from batchllm.models.llama import CausalLM, Rotary, local_rope_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -99,6 +99,8 @@ def load_model(path: str | Path, cfg: ModelConfig, dtype: torch.dtype, device: t
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary = Rotary(cfg, max_positions).to(device)
+    if cfg.local_rope_theta is not None:
+        model.local_rotary = Rotary(local_rope_config(cfg), max_positions).to(device)
     if pack_weights:
         model.pack_linear_weights()
     return model.eval()
