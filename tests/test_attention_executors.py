@@ -106,28 +106,18 @@ def test_mixed_step_matches_reference(dtype: torch.dtype, heads: int, kvh: int, 
 def test_random_configurations(seed: int) -> None:
     rng = random.Random(seed)
     bs = rng.choice([2, 4, 8, 16])
-    groups = []
-    for _ in range(rng.randint(0, 5)):
-        members = []
-        for _ in range(rng.randint(1, 6)):
-            own = rng.randint(1, 40)
-            members.append((own, 1 if rng.random() < 0.6 else rng.randint(1, own)))
-        groups.append((rng.randint(1, 64 // bs + 1), members))
-    singles = []
-    for _ in range(rng.randint(0 if groups else 1, 3)):
-        ctx = rng.randint(1, 60)
-        singles.append((ctx, 1 if rng.random() < 0.5 else rng.randint(1, ctx)))
+    groups, singles = random_groups(rng, bs, max_groups=5, max_members=6)
     kvh, g = rng.choice([1, 2]), rng.choice([1, 4, 8])
     dtype = torch.float32 if seed % 2 == 0 else torch.bfloat16
     compare(make_step(rng, groups, singles, bs), kvh * g, kvh, rng.choice([8, 32]), dtype, seed, triton=seed < 4)
 
 
-def random_groups(rng: random.Random, bs: int) -> tuple[list, list]:
+def random_groups(rng: random.Random, bs: int, max_groups: int = 4, max_members: int = 5) -> tuple[list, list]:
     """Random groups [(prefix blocks, [(own len, q len)])] and singles [(ctx, q len)] for `make_step`."""
     groups = []
-    for _ in range(rng.randint(0, 4)):
+    for _ in range(rng.randint(0, max_groups)):
         members = []
-        for _ in range(rng.randint(1, 5)):
+        for _ in range(rng.randint(1, max_members)):
             own = rng.randint(1, 40)
             members.append((own, 1 if rng.random() < 0.6 else rng.randint(1, own)))
         groups.append((rng.randint(1, 64 // bs + 1), members))

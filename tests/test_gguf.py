@@ -16,6 +16,8 @@ from batchllm import LLM, SamplingParams
 from batchllm.models.folder import ModelFolderError, read_config
 from batchllm.testing import write_gguf
 
+from batch_files import plan_without_torch
+
 NEW_TOKENS = 12
 TEXTS = ["Hello world", " leading space", "  two  spaces\tand a tab\nnew line\n\n", "Numbers 12345, 3.14 and 1,000",
          "ünïcödé café 日本語 🤖", "<|im_start|>user\nhi<|im_end|>", "Don't I'll THEY'VE", "", "   "]
@@ -252,15 +254,5 @@ def test_moe_gguf_equals_its_folder(arch: str, gguf_factory: Callable[..., tuple
 
 def test_plan_reads_a_gguf_without_torch(gguf_factory: Callable[..., tuple[Path, Path]], tmp_path: Path) -> None:
     """`batchllm plan --model m.gguf` tokenizes and plans with torch unimportable, as for folders."""
-    import subprocess
-    import sys
     _, gguf = gguf_factory("llama", "Q8_0")
-    batch = tmp_path / "in.jsonl"
-    batch.write_text('{"prompt": "the same long start, then a", "max_tokens": 4}\n'
-                     '{"prompt": "the same long start, then b", "max_tokens": 4}\n')
-    code = ("import sys; sys.modules['torch'] = None\nfrom batchllm.cli import main\n"
-            f"sys.exit(main(['plan', '-i', {str(batch)!r}, '--model', {str(gguf)!r}, '--json']))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout)
-    assert (report["requests"], report["invalid"], report["plan"]["logical_prefill_tokens"] > 0) == (2, 0, True)
+    plan_without_torch(gguf, tmp_path)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import importlib.util
-import json
 import re
 import subprocess
 import sys
@@ -14,6 +13,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
+
+from batch_files import plan_without_torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "batchllm"
@@ -161,12 +162,4 @@ def test_llm_is_still_importable_from_the_package() -> None:
 def test_plan_command_runs_without_torch(model_factory, tmp_path: Path) -> None:
     """`batchllm plan` tokenizes, validates and plans a file with torch unimportable."""
     model = model_factory("llama")
-    batch = tmp_path / "in.jsonl"
-    batch.write_text('{"prompt": "the same long start, then a", "max_tokens": 4}\n'
-                     '{"prompt": "the same long start, then b", "max_tokens": 4}\n')
-    code = ("import sys; sys.modules['torch'] = None\nfrom batchllm.cli import main\n"
-            f"sys.exit(main(['plan', '-i', {str(batch)!r}, '--model', {str(model)!r}, '--json']))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout)
-    assert (report["requests"], report["invalid"], report["plan"]["logical_prefill_tokens"] > 0) == (2, 0, True)
+    plan_without_torch(model, tmp_path)
