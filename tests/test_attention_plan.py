@@ -161,3 +161,11 @@ def test_factory_picks_the_executor_once_from_device_dtype_head_size_and_kernels
     assert attention.mode is Mode.REFERENCE and isinstance(attention.executor, TorchExecutor)
     with pytest.raises(ValueError):
         make_attention("fast", CPU, torch.float32, 64, None)
+
+
+def test_config_attention_modes_are_the_selectors() -> None:
+    """config.py names the modes without importing torch; they must be exactly select.Mode's."""
+    from batchllm.attention.select import Mode
+    from batchllm.config import ATTENTION_MODES
+
+    assert ATTENTION_MODES == tuple(m.value for m in Mode)

@@ -17,7 +17,7 @@ from typing import Any
 
 from batchllm import __version__
 from batchllm.batch_io.exit_codes import EXIT_FAILURE, EXIT_USAGE
-from batchllm.config import DEFAULT_MEMORY_UTILIZATION, DTYPE_ALIASES, POLICIES, EngineConfig, parse_size as _size
+from batchllm.config import ATTENTION_MODES, DEFAULT_MEMORY_UTILIZATION, DTYPE_ALIASES, POLICIES, EngineConfig, parse_size as _size
 
 
 def parse_size(text: str) -> int:
@@ -45,7 +45,7 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-kv-blocks", type=int, metavar="N",
                    help="KV pool size in blocks (overrides --kv-cache-memory)")
     g.add_argument("--policy", choices=POLICIES, help="scheduling policy (default batchllm)")
-    g.add_argument("--attention", choices=("auto", "reference", "prefix-shared"), help="attention backend")
+    g.add_argument("--attention", choices=ATTENTION_MODES, help="attention backend")
     g.add_argument("--device", help="torch device (default cpu)")
 
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 Policy = Literal["batchllm", "fcfs", "fcfs-lru", "lpm"]
 POLICIES: tuple[str, ...] = ("batchllm", "fcfs", "fcfs-lru", "lpm")
 AttentionMode = Literal["auto", "reference", "prefix-shared"]
+ATTENTION_MODES: tuple[str, ...] = ("auto", "reference", "prefix-shared")  # select.Mode's values, torch-free
 
 
 def cache_dir() -> Path:
@@ -225,8 +226,8 @@ class EngineConfig:
             problems.append(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.policy not in POLICIES:
             problems.append(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-        if self.attention not in ("auto", "reference", "prefix-shared"):
-            problems.append(f"attention must be auto, reference or prefix-shared, got {self.attention!r}")
+        if self.attention not in ATTENTION_MODES:
+            problems.append(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {self.attention!r}")
         if not 0.0 < self.kv_threshold <= 1.0:
             problems.append(f"kv_threshold must be in (0, 1], got {self.kv_threshold}")
         if self.partial_block not in ("copy", "recompute"):
