@@ -115,14 +115,17 @@ class Report:
     run: RunStats | None
     files: dict[str, str] = field(default_factory=dict)
     message: str | None = None
+    # Each replica's own statistics when the job ran on several (`run` is then their sum);
+    # absent from the JSON of a single-process job.
+    replicas: list[RunStats] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.pop("run")
-        run = self.run.to_dict() if self.run is not None else None
-        if run is not None:
-            run.pop("tokens_per_step", None)  # one entry per step: too long for a report
-        d["run"] = run
+        d["run"] = _stats_dict(self.run)
+        if self.replicas is None:
+            d.pop("replicas")
+        else:
+            d["replicas"] = [_stats_dict(s) for s in self.replicas]
         return d
 
     def text(self) -> str:
@@ -154,3 +157,11 @@ class Report:
         for name, path in self.files.items():
             lines.append(f"  {name:<11} {path}")
         return "\n".join(lines)
+
+
+def _stats_dict(s: RunStats | None) -> dict[str, Any] | None:
+    if s is None:
+        return None
+    d = s.to_dict()
+    d.pop("tokens_per_step", None)  # one entry per step: too long for a report
+    return d
