@@ -8,7 +8,6 @@ mismatch, bad flag); 130 interrupted by SIGINT/SIGTERM (finished results are kep
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shlex
 import sys
@@ -72,8 +71,10 @@ def _ray_options(args: argparse.Namespace) -> Any:
         return None
     if args.replicas is not None and args.replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
-    if importlib.util.find_spec("ray") is None:
-        raise ValueError("--ray needs Ray, which is not installed: pip install 'batchllm[ray]'")
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise ValueError("--ray needs Ray, which is not installed: pip install 'batchllm[ray]'") from None
     from batchllm.distributed.options import RayOptions
 
     return RayOptions(args.ray, args.replicas or 1, args.cpus_per_replica, args.gpus_per_replica)

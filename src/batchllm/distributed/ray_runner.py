@@ -77,14 +77,11 @@ def connect(address: str) -> bool:
 
 
 def cluster_resources(options: RayOptions) -> ReplicaResources:
-    """The replicas' resources on the connected cluster; UsageError if they cannot fit."""
+    """The replicas' resources on the connected cluster; ResourceError if they cannot fit."""
     total = ray.cluster_resources()
     node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
-    try:
-        return replica_resources(options.replicas, total.get("CPU", 0.0), max(node_cpus, default=0.0),
-                                 total.get("GPU", 0.0), options.cpus_per_replica, options.gpus_per_replica)
-    except ResourceError as e:
-        raise UsageError(str(e)) from e
+    return replica_resources(options.replicas, total.get("CPU", 0.0), max(node_cpus, default=0.0),
+                             total.get("GPU", 0.0), options.cpus_per_replica, options.gpus_per_replica)
 
 
 class RayRunner:
@@ -107,7 +104,10 @@ class RayRunner:
 
     def connect(self) -> None:
         self.owns_session = connect(self.options.address)
-        self.resources = cluster_resources(self.options)
+        try:
+            self.resources = cluster_resources(self.options)
+        except ResourceError as e:
+            raise UsageError(str(e)) from e
 
     def start(self, stream: TextIO) -> tuple[Tokenizer, Limits]:
         if self.resources is None:
