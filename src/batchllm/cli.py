@@ -8,6 +8,7 @@ mismatch, bad flag); 130 interrupted by SIGINT/SIGTERM (finished results are kep
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shlex
 import sys
@@ -71,10 +72,8 @@ def _ray_options(args: argparse.Namespace) -> Any:
         return None
     if args.replicas is not None and args.replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        raise ValueError("--ray needs Ray, which is not installed: pip install 'batchllm[ray]'") from None
+    if importlib.util.find_spec("ray") is None:  # not imported here: --ray imports it where it runs
+        raise ValueError("--ray needs Ray, which is not installed: pip install 'batchllm[ray]'")
     from batchllm.distributed.options import RayOptions
 
     return RayOptions(args.ray, args.replicas or 1, args.cpus_per_replica, args.gpus_per_replica)
