@@ -132,37 +132,74 @@ def test_an_invalid_line_is_an_error_record(on_ray: tuple[Path, dict]) -> None:
     assert (on_ray[1]["ok"], on_ray[1]["failed"]) == (GROUPS * MEMBERS, 1)
 
 
+def _start_and_wait(argv: list[str], out: Path) -> subprocess.Popen:
+    """Start `batchllm *argv` and return once it has written a result (or ended)."""
+    proc = subprocess.Popen([sys.executable, "-m", "batchllm", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "BATCHLLM_TEST_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.exists() and out.read_text().strip():
+            break
+        time.sleep(0.01)
+    return proc
+
+
+def _resume_and_compare(argv: list[str], out: Path, single: Path, runs: list[str]) -> None:
+    from batchllm.cli import main
+
+    assert main([*argv, "--resume"]) == 0
+    assert _texts(out) == _texts(single)  # every custom_id once, the uninterrupted run's outputs
+    manifest = json.loads(out.with_name("out.manifest.json").read_text())
+    assert [r["status"] for r in manifest["runs"]] == runs
+
+
+def _argv(batch: Path, out: Path, model: Path, address: str) -> list[str]:
+    return ["run-batch", "-i", str(batch), "-o", str(out), "--model", str(model), *FLAGS,
+            "--ray", address, "--replicas", "2", "--cpus-per-replica", "0.5"]
+
+
 def test_kill_the_driver_then_resume(address: str, llama_dir: Path, batch: Path, single: tuple[Path, dict],
                                      tmp_path: Path) -> None:
     """kill -9 of the driver after some results are written; --resume runs only the rest, and
     the union is the uninterrupted run, every custom_id once."""
     out = tmp_path / "out.jsonl"
-    argv = ["run-batch", "-i", str(batch), "-o", str(out), "--model", str(llama_dir), *FLAGS,
-            "--ray", address, "--replicas", "2", "--cpus-per-replica", "0.5"]
-    proc = subprocess.Popen([sys.executable, "-m", "batchllm", *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "BATCHLLM_TEST_THREADS": "1"})
-    deadline = time.monotonic() + 120
-    written = 0
-    while time.monotonic() < deadline and proc.poll() is None:
-        written = len(out.read_text().splitlines()) if out.exists() else 0
-        if written:
-            break
-        time.sleep(0.01)
+    argv = _argv(batch, out, llama_dir, address)
+    proc = _start_and_wait(argv, out)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     written = len(out.read_text().splitlines())
     assert 0 < written < GROUPS * MEMBERS, f"{written} results when killed: the test needs a part-way kill"
-    code, _, err = cli_ok(argv + ["--resume"])
-    assert code == 0, err
-    assert _texts(out) == _texts(single[0])
-    manifest = json.loads(out.with_name("out.manifest.json").read_text())
-    assert [r["status"] for r in manifest["runs"]] == ["killed", "complete"]
+    _resume_and_compare(argv, out, single[0], ["killed", "complete"])
 
 
-def cli_ok(argv: list[str]) -> tuple[int, str, str]:
-    from batchllm.cli import main
+def _replica_pids() -> list[int]:
+    """Processes of live batchllm replica actors (Ray titles them "ray::Replica...")."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and (d / "cmdline").read_bytes().startswith(b"ray::Replica"):
+                pids.append(int(d.name))
+        except OSError:
+            continue
+    return sorted(pids)
 
-    return main(argv), "", ""
+
+def test_a_replica_dies_the_job_fails_with_the_resume_hint(address: str, llama_dir: Path, batch: Path,
+                                                           single: tuple[Path, dict], tmp_path: Path) -> None:
+    """kill -9 of one replica part-way: the driver writes what the other finished, exits 1 naming
+    --resume, and the resume completes the batch."""
+    out = tmp_path / "out.jsonl"
+    argv = _argv(batch, out, llama_dir, address)
+    proc = _start_and_wait(argv, out)
+    pids = _replica_pids()
+    assert len(pids) == 2 and proc.poll() is None
+    os.kill(pids[0], signal.SIGKILL)
+    report, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, report[-2000:]
+    assert "replica 1 died" in report or "replica 0 died" in report
+    assert "after fixing the cause resume with" in report and "--resume" in report
+    assert len(out.read_text().splitlines()) < GROUPS * MEMBERS
+    _resume_and_compare(argv, out, single[0], ["failed", "complete"])
 
 
 def test_usage_errors(address: str, llama_dir: Path, batch: Path, tmp_path: Path,
