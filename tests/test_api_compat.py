@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,6 +137,55 @@ def test_one_prompt_as_token_ids(llm: LLM) -> None:
     assert one[0].outputs[0].token_ids == llm.generate([[504, 575]], greedy(), use_tqdm=False)[0].outputs[0].token_ids
     with pytest.raises(TypeError, match="prompt 1: a prompt is"):
         llm.generate([[5, 6], 3.5], greedy(), use_tqdm=False)
+
+
+def test_numpy_token_ids(llm: LLM) -> None:
+    """Token ids as numpy arrays or numpy integers (what a Ray Dataset or pandas hands over) are
+    prompts like Python ints; numpy bools and floats are not."""
+    want = llm.generate([[504, 575], [7, 8, 9]], greedy(), use_tqdm=False)
+    arrays = [np.array([504, 575], dtype=np.int64), {"prompt_token_ids": np.array([7, 8, 9], dtype=np.int32)}]
+    for prompts in (arrays, [[np.int64(504), np.uint16(575)], [7, np.int32(8), 9]]):
+        got = llm.generate(prompts, greedy(), use_tqdm=False)
+        assert [o.prompt_token_ids for o in got] == [[504, 575], [7, 8, 9]]
+        assert all(type(t) is int for o in got for t in o.prompt_token_ids)
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    one = llm.generate(np.array([504, 575]), greedy(), use_tqdm=False)  # one prompt as a 1-D array
+    assert len(one) == 1 and one[0].outputs[0].token_ids == want[0].outputs[0].token_ids
+    with pytest.raises(TypeError, match="prompt 0: a prompt is"):
+        llm.generate([np.array([True, False])], greedy(), use_tqdm=False)
+    with pytest.raises(TypeError, match="prompt 0: a prompt is.*prompt_token_ids of ndarray"):
+        llm.generate([{"prompt_token_ids": np.array([1.0, 2.0])}], greedy(), use_tqdm=False)
+
+
+def test_return_errors_isolates_invalid_prompts(llm: LLM) -> None:
+    """With return_errors, each invalid prompt (unknown shape, empty, out of vocabulary, bad
+    parameters, a constraint that does not compile) is its own output with `error` set; the
+    others run exactly as they run alone. Without it, the call raises before anything runs."""
+    from batchllm import StructuredOutputsParams
+
+    v = llm.engine.model_config.vocab_size
+    good = ["Hello there", [5, 6, 7], {"prompt_token_ids": np.array([9, 10])}]
+    bad = [3.5, [], [v + 1], "fine", "also fine"]  # the last two: bad parameters (below)
+    prompts = [good[0], bad[0], good[1], bad[1], bad[2], good[2], bad[3], bad[4]]
+    params = [greedy(), greedy(), greedy(), greedy(), greedy(), greedy(),
+              SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(grammar="start: (((")),
+              greedy(logit_bias={v + 5: 1.0})]
+    with pytest.raises(TypeError, match="prompt 1"):
+        llm.generate(prompts, params, use_tqdm=False)
+    with pytest.raises(ValueError, match="4 invalid prompt.*prompt 1: the prompt is empty; prompt 2: token ids"):
+        llm.generate(prompts[2:], params[2:], use_tqdm=False)
+    outs = llm.generate(prompts, params, use_tqdm=False, return_errors=True)
+    assert [o.request_id for o in outs] == [str(i) for i in range(len(prompts))]
+    failed = {i: o.error for i, o in enumerate(outs) if o.error is not None}
+    assert sorted(failed) == [1, 3, 4, 6, 7]
+    assert "a prompt is" in failed[1] and "empty" in failed[3] and str(v) in failed[4] and "logit_bias" in failed[7]
+    assert all(outs[i].outputs == [] for i in failed)
+    alone = llm.generate([good[0], good[1], good[2]], greedy(), use_tqdm=False)
+    assert [outs[i].outputs[0].token_ids for i in (0, 2, 5)] == [o.outputs[0].token_ids for o in alone]
+    assert all(o.error is None for o in alone)
+    assert llm.last_run_stats.num_requests == 3
+    everything_bad = llm.generate(bad[:3], greedy(), use_tqdm=False, return_errors=True)
+    assert [o.error is not None for o in everything_bad] == [True] * 3
 
 
 def test_stop_string_inside_min_tokens_does_not_stop(llm: LLM) -> None:

@@ -25,6 +25,7 @@ from batchllm.models.loader import DTYPES
 from batchllm.outputs import CompletionOutput, RequestOutput
 from batchllm.planner import build_plan
 from batchllm.sampling_params import SamplingParams
+from batchllm.seeding import prompt_seeds
 from batchllm.testing import make_tiny_model
 from batchllm.tokenizer import Tokenizer
 
@@ -267,11 +268,14 @@ def test_run_batch_seeds_are_the_ones_llm_draws_from(model: Path) -> None:
     ids = [prepared[u.request].prompt_ids[u.index] for u in units]
     written = [prepared[u.request].params[u.index] for u in units]
     given = [prepared[u.request].request.params for u in units]  # as in the file
-    want = _generator_seeds(llm._make_seqs(ids, given))
-    assert _generator_seeds(llm._make_seqs(ids, written)) == want
+    def seqs(ids: list[list[int]], params: list[SamplingParams]) -> list:
+        return llm._make_seqs(ids, params, prompt_seeds(ids, params, llm.config.seed))
+
+    want = _generator_seeds(seqs(ids, given))
+    assert _generator_seeds(seqs(ids, written)) == want
     assert want[1] is None and len({s for s in want if s is not None}) == len(want) - 1
     # a resumed job runs only the prompts after the first three (four sequences: n=2 on the third)
-    assert _generator_seeds(llm._make_seqs(ids[3:], written[3:])) == want[4:]
+    assert _generator_seeds(seqs(ids[3:], written[3:])) == want[4:]
 
 
 def test_plan_file_is_llm_plan(model: Path, tmp_path: Path) -> None:
@@ -291,7 +295,7 @@ def test_plan_file_is_llm_plan(model: Path, tmp_path: Path) -> None:
     assert report.plan == want and (report.sequences, report.invalid) == (sum(p.n for p in params), 1)
     assert want.stats.num_shared_groups >= 2
     # the plan's sequence i is the engine's sequence i (what the per-sequence formula gave)
-    seqs = llm._make_seqs(prompts, params)
+    seqs = llm._make_seqs(prompts, params, [None] * len(prompts))
     assert want == build_plan([s.token_ids for s in seqs], block_size=4,
                               expected_output_tokens=[s.params.max_tokens for s in seqs])
 

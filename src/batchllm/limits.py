@@ -41,8 +41,8 @@ class Limits:
         """The longest sequence (prompt + output) that fits: the cap for chat without max_tokens."""
         return min(self.max_model_len, self.kv_pool_tokens)
 
-    def prompt_errors(self, prompt_ids: list[list[int]], params: list[SamplingParams]) -> list[str]:
-        """One message per prompt these limits reject ("prompt i: reason"); empty when all fit."""
+    def prompt_errors(self, prompt_ids: list[list[int]], params: list[SamplingParams]) -> dict[int, str]:
+        """{prompt index: why} for each prompt these limits reject; empty when all fit."""
         return prompt_errors(prompt_ids, params, vocab_size=self.vocab_size, max_model_len=self.max_model_len,
                              kv_pool_tokens=self.kv_pool_tokens)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,20 @@ from batchllm.sequence import Sequence
 import torch
 
 PromptType = Union[str, list[int], dict[str, Any]]
+
+
+def _token_ids(x: Any) -> list[int] | None:
+    """`x` as a list of Python ints when it is a sequence of integers (Python or numpy integers,
+    not bools), else None."""
+    if isinstance(x, (str, bytes, dict)):
+        return None
+    try:
+        items = list(x)
+    except TypeError:
+        return None
+    if all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in items):
+        return [int(t) for t in items]
+    return None
 
 
 def _no_lora(lora_request: Any) -> None:
@@ -49,34 +64,35 @@ class LLM:
     # ---- inputs -----------------------------------------------------------------------------
     @staticmethod
     def _as_list(prompts: PromptType | Seq[PromptType]) -> list[PromptType]:
-        """One prompt (a string, a dict, or one list of token ids) or a sequence of prompts."""
+        """One prompt (a string, a dict, or one sequence of token ids) or a sequence of prompts."""
         if isinstance(prompts, (str, dict)):
             return [prompts]
         prompts = list(prompts)
-        if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
-            return [prompts]  # type: ignore[list-item]  # one prompt given as token ids
+        if prompts and (ids := _token_ids(prompts)) is not None:
+            return [ids]  # one prompt given as token ids
         return prompts  # type: ignore[return-value]
 
-    def _tokenize(self, prompts: Seq[PromptType]) -> tuple[list[str | None], list[list[int]]]:
+    def _tokenize(self, prompts: Seq[PromptType]) -> tuple[list[str | None], list[list[int]], dict[int, str]]:
+        """(texts, token ids, {index: why} for prompts of no known shape, whose ids are [])."""
         texts: list[str | None] = []
         ids: list[list[int]] = []
-        for p in prompts:
-            if isinstance(p, str):
-                texts.append(p)
-                ids.append(self.tokenizer.encode(p))
-            elif isinstance(p, dict) and "prompt_token_ids" in p:
-                texts.append(p.get("prompt"))
-                ids.append(list(p["prompt_token_ids"]))
-            elif isinstance(p, dict) and "prompt" in p:
-                texts.append(p["prompt"])
-                ids.append(self.tokenizer.encode(p["prompt"]))
-            elif isinstance(p, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-                texts.append(None)
-                ids.append(list(p))
+        bad: dict[int, str] = {}
+        for i, p in enumerate(prompts):
+            text, given = (p, None) if isinstance(p, str) else \
+                (p.get("prompt"), p.get("prompt_token_ids")) if isinstance(p, dict) else (None, p)
+            if given is not None and (tokens := _token_ids(given)) is not None:
+                texts.append(text if isinstance(text, str) else None)
+                ids.append(tokens)
+            elif given is None and isinstance(text, str):
+                texts.append(text)
+                ids.append(self.tokenizer.encode(text))
             else:
-                raise TypeError(f"prompt {len(ids)}: a prompt is a string, a list of token ids or a dict with "
-                                f"'prompt' or 'prompt_token_ids', got {type(p).__name__}")
-        return texts, ids
+                texts.append(None)
+                ids.append([])
+                bad[i] = (f"a prompt is a string, a sequence of integer token ids or a dict with 'prompt' or "
+                          f"'prompt_token_ids', got {type(p).__name__}"
+                          + (f" with prompt_token_ids of {type(given).__name__}" if isinstance(p, dict) else ""))
+        return texts, ids, bad
 
     def default_sampling_params(self) -> SamplingParams:
         """What `sampling_params=None` means: vLLM's defaults overridden by the model's
@@ -105,14 +121,14 @@ class LLM:
             raise ValueError(f"got {len(params)} sampling params for {n} prompts")
         return params
 
-    def validate(self, prompt_ids: list[list[int]], params: list[SamplingParams]) -> list[str]:
-        """One message per invalid prompt ("prompt i: reason"); empty when all are valid."""
+    def validate(self, prompt_ids: list[list[int]], params: list[SamplingParams]) -> dict[int, str]:
+        """{prompt index: why} for each invalid prompt; empty when all are valid."""
         errors = self.engine.limits.prompt_errors(prompt_ids, params)
         v = self.engine.model_config.vocab_size
         for i, p in enumerate(params):
             ids = [*(p.logit_bias or {}), *(p.allowed_token_ids or [])]
             if any(t >= v for t in ids):
-                errors.append(f"prompt {i}: logit_bias and allowed_token_ids must be token ids below {v}")
+                errors.setdefault(i, f"logit_bias and allowed_token_ids must be token ids below {v}")
         return errors
 
     def structured_errors(self, params: list[SamplingParams]) -> dict[int, str]:
@@ -131,11 +147,13 @@ class LLM:
         """`truncate_prompt_tokens=k`: the last k tokens of the prompt."""
         return [x[-p.truncate_prompt_tokens:] if p.truncate_prompt_tokens else x for x, p in zip(ids, params)]
 
-    def _make_seqs(self, prompt_ids: list[list[int]], params: list[SamplingParams]) -> list[Sequence]:
+    @staticmethod
+    def _make_seqs(prompt_ids: list[list[int]], params: list[SamplingParams], seeds: list[int | None]
+                   ) -> list[Sequence]:
         """Prompt i's n samples as n sequences, numbered as `plan_batch` numbers them; sampled
-        ones each with a generator seeded from `prompt_seeds` (which batch_io writes up front too)."""
+        ones each with a generator seeded from `seeds[i]` (`prompt_seeds`, which batch_io writes up
+        front too)."""
         seqs: list[Sequence] = []
-        seeds = prompt_seeds(prompt_ids, params, self.config.seed)
         for i, (ids, p, seed) in enumerate(zip(prompt_ids, params, seeds, strict=True)):
             for j in range(p.n):
                 gen = None if seed is None else torch.Generator().manual_seed(sample_seed(seed, j))
@@ -147,17 +165,24 @@ class LLM:
     def plan(self, prompts: PromptType | Seq[PromptType],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> Plan:
         """Plan the batch (prefix-sharing groups and their order) without running the model."""
-        _, ids = self._tokenize(self._as_list(prompts))
+        _, ids, bad = self._tokenize(self._as_list(prompts))
+        if bad:
+            raise TypeError("; ".join(f"prompt {i}: {why}" for i, why in bad.items()))
         return plan_batch(self.config, ids, self._params_list(len(ids), sampling_params))
 
     def generate(self, prompts: PromptType | Seq[PromptType],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True, lora_request: None = None) -> list[RequestOutput]:
-        """Generate completions; returns one RequestOutput per prompt, in input order."""
+                 use_tqdm: bool = True, lora_request: None = None, return_errors: bool = False
+                 ) -> list[RequestOutput]:
+        """Generate completions; returns one RequestOutput per prompt, in input order.
+
+        An invalid prompt (unknown shape, empty, too long, bad parameters, a constraint that does
+        not compile) raises for the whole call, before anything runs; with `return_errors=True` it
+        becomes that prompt's output instead (`error` set, no completions) and the others run."""
         _no_lora(lora_request)
         prompts = self._as_list(prompts)
         results: list[RequestOutput | None] = [None] * len(prompts)
-        for out in self.iter_generate(prompts, sampling_params, use_tqdm=use_tqdm):
+        for out in self.iter_generate(prompts, sampling_params, use_tqdm=use_tqdm, return_errors=return_errors):
             results[int(out.request_id)] = out
         return [r for r in results if r is not None]
 
@@ -202,22 +227,36 @@ class LLM:
     def iter_generate(self, prompts: Seq[PromptType],
                       sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                       use_tqdm: bool = True, should_stop: Callable[[], bool] | None = None,
-                      prompt_logprobs_from: list[int] | None = None) -> Iterator[RequestOutput]:
+                      prompt_logprobs_from: list[int] | None = None, return_errors: bool = False
+                      ) -> Iterator[RequestOutput]:
         """Like `generate`, but yields each request's output as soon as all its samples finish
-        (completion order; `request_id` is the input index). Validates everything first.
+        (completion order; `request_id` is the input index). Validates everything first; with
+        `return_errors`, the invalid prompts' outputs (`error` set) come first.
         `prompt_logprobs_from[i]`: the first prompt position whose log-prob request i wants
         (earlier ones are None; `loglikelihood` skips the context this way)."""
         arrival = time.time()
-        texts, ids = self._tokenize(self._as_list(prompts))
+        texts, ids, bad = self._tokenize(self._as_list(prompts))
+        if bad and not return_errors:
+            raise TypeError("; ".join(f"prompt {i}: {why}" for i, why in bad.items()))
         params = self._params_list(len(ids), sampling_params)
         ids = self._truncated(ids, params)
-        errors = self.validate(ids, params)
         self._compile_time_s = 0.0
-        errors += [f"prompt {i}: {e}" for i, e in sorted(self.structured_errors(params).items())]
-        if errors:
-            raise ValueError(f"{len(errors)} invalid prompt(s): " + "; ".join(errors[:20])
+        errors = {**self.structured_errors(params), **self.validate(ids, params), **bad}
+        if errors and not return_errors:
+            listed = [f"prompt {i}: {why}" for i, why in sorted(errors.items())]
+            raise ValueError(f"{len(errors)} invalid prompt(s): " + "; ".join(listed[:20])
                              + (" ..." if len(errors) > 20 else ""))
-        seqs = self._make_seqs(ids, params)
+        for i, why in sorted(errors.items()):
+            yield RequestOutput(request_id=str(i), prompt=texts[i], prompt_token_ids=ids[i], outputs=[], error=why)
+        seeds = prompt_seeds(ids, params, self.config.seed)  # over every prompt: an error moves no seed
+        # The valid prompts run, as requests numbered 0..; `index[r]` is request r's input index.
+        index = [i for i in range(len(ids)) if i not in errors]
+        texts, ids, params, seeds = ([xs[i] for i in index] for xs in (texts, ids, params, seeds))
+        if prompt_logprobs_from is not None:
+            prompt_logprobs_from = [prompt_logprobs_from[i] for i in index]
+        if not ids:
+            return
+        seqs = self._make_seqs(ids, params, seeds)
         plan = plan_batch(self.config, ids, params) if self.config.policy == "batchllm" else None
         # The request each shared group's prefix is computed for: its first member's.
         prefix_owner = {gid: seqs[g.members[0]].request_index for gid, g in enumerate(plan.groups)
@@ -258,7 +297,7 @@ class LLM:
                     continue
                 bar.update(1)
                 postfix(False)
-                yield self._request_output(i, texts[i], ids[i], by_request[i], prefix_owner, arrival)
+                yield self._request_output(index[i], texts[i], ids[i], by_request[i], prefix_owner, arrival)
         finally:
             bar.close()
 

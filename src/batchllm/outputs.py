@@ -58,7 +58,8 @@ class RequestOutput:
     """All completions of one prompt. `num_cached_tokens` = prompt tokens whose KV was reused from
     earlier computation for another request (a shared prefix computed before), not computed for
     this one. `prompt_logprobs` (when `SamplingParams.prompt_logprobs` asked for them): None for
-    the first prompt position, then one {token id: Logprob} per position (its token and the top k)."""
+    the first prompt position, then one {token id: Logprob} per position (its token and the top k).
+    `error`: why the prompt did not run (`generate(..., return_errors=True)`); `outputs` is then empty."""
 
     request_id: str
     prompt: str | None
@@ -68,6 +69,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    error: str | None = None
 
 
 @dataclass

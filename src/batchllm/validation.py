@@ -6,13 +6,13 @@ from batchllm.sampling_params import SamplingParams
 
 
 def prompt_errors(prompt_ids: list[list[int]], params: list[SamplingParams], *, vocab_size: int,
-                  max_model_len: int, kv_pool_tokens: int) -> list[str]:
-    """One message per invalid prompt ("prompt i: reason"); empty when all are valid.
+                  max_model_len: int, kv_pool_tokens: int) -> dict[int, str]:
+    """{prompt index: why} for each invalid prompt; empty when all are valid.
 
     A `max_tokens` beyond what the context or the pool holds is not an error: the sequence ends
     with "length" when it fills them (`capacity.py`). A prompt that leaves no room for one output
     token is."""
-    errors = []
+    errors: dict[int, str] = {}
     for i, (ids, p) in enumerate(zip(prompt_ids, params, strict=True)):
         why = None
         if not ids:
@@ -27,5 +27,5 @@ def prompt_errors(prompt_ids: list[list[int]], params: list[SamplingParams], *, 
         elif p.problems():
             why = "; ".join(p.problems())
         if why is not None:
-            errors.append(f"prompt {i}: {why}")
+            errors[i] = why
     return errors

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -51,9 +50,6 @@ class Unit:
 
     request: int
     index: int
-
-
-_PROMPT_PREFIX = re.compile(r"^prompt (\d+): ")
 
 
 def prepare(requests: Sequence[BatchRequest], tokenizer: Tokenizer, limits: Limits, engine_seed: int | None,
@@ -106,9 +102,8 @@ def prepare(requests: Sequence[BatchRequest], tokenizer: Tokenizer, limits: Limi
                     continue
         problems = limits.prompt_errors(ids, [params] * len(ids))
         if problems:
-            if len(ids) == 1:
-                problems = [_PROMPT_PREFIX.sub("", m) for m in problems]
-            errors.append(ErrorRecord(r.line, r.custom_id, f"line {r.line}: " + "; ".join(problems),
+            why = [problems[0]] if len(ids) == 1 else [f"prompt {i}: {m}" for i, m in problems.items()]
+            errors.append(ErrorRecord(r.line, r.custom_id, f"line {r.line}: " + "; ".join(why),
                                       "invalid_prompt", "messages" if r.endpoint == "chat" else "prompt"))
             continue
         prepared.append(Prepared(r, ids, txt, [params] * len(ids)))
