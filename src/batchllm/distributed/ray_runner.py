@@ -6,7 +6,10 @@ folder (no weights loaded), plans the whole batch, packs whole prefix groups int
 model once and runs each bin as one batch. A bin's results come back when it ends; the job
 writes them (`batch_io/job.py`), so a crash loses at most the bins in flight and `--resume`
 plans only what is not written. A replica that dies fails the job with the resume hint, after
-the others were told to stop and their finished requests were written.
+the others were told to stop and their finished requests were written. A replica checks each
+request against its own engine too (`LLM.generate(..., return_errors=True)`): one its limits
+refuse (a smaller KV pool than the driver computed) or whose constraint does not compile comes
+back as that request's error record.
 """
 
 from __future__ import annotations
