@@ -256,3 +256,4 @@ def test_build_processor_isolates_a_bad_row(address: str, llama_dir: Path) -> No
     assert [r["num_generated_tokens"] for r in good] == [len(e.outputs[0].token_ids) for e in expected]
     assert sum(s.computed_prefill_tokens for s in processor.last_run_stats) == \
         LLM(str(llama_dir), **engine).plan(prompts, SamplingParams(max_tokens=6)).stats.planned_prefill_tokens
+

@@ -154,6 +154,9 @@ class Report:
                 f"  KV cache    peak {s.peak_kv_tokens:,} tokens ({s.peak_kv_blocks}/{s.num_kv_blocks} blocks), "
                 f"{s.preemptions} preemptions",
             ]
+        if self.replicas:
+            lines.append(f"  replicas    {len(self.replicas)}, prompt tokens computed by each: "
+                         + ", ".join(f"{r.computed_prefill_tokens:,}" for r in self.replicas))
         for name, path in self.files.items():
             lines.append(f"  {name:<11} {path}")
         return "\n".join(lines)

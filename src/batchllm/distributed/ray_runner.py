@@ -106,7 +106,10 @@ class RayRunner:
         self.stopped: set[int] = set()  # replicas told to stop
 
     def connect(self) -> None:
-        self.owns_session = connect(self.options.address)
+        try:
+            self.owns_session = connect(self.options.address)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise UsageError(f"cannot reach Ray at {self.options.address!r}: {e}") from e
         try:
             self.resources = cluster_resources(self.options)
         except ResourceError as e:
