@@ -7,9 +7,9 @@ of a group = its prefix once + each member's own prompt tokens + each member's o
 Rules: a request (all its prompts and samples) is never split; groups linked by a request
 (its prompts fall into several groups) travel together; such a linked unit larger than one
 replica's share of the batch is cut between its requests (each part pays the prefix of every
-group it touches once); then units go largest first to the least loaded bin
-(LPT). Ties break on the lowest request index and the lowest bin index, so packing is
-deterministic.
+group it touches once) where that shortens the busiest replica by more than the repeated
+prefixes cost (`_parts`); then units go largest first to the least loaded bin (LPT). Ties
+break on the lowest request index and the lowest bin index, so packing is deterministic.
 """
 
 from __future__ import annotations
