@@ -491,3 +491,19 @@ def test_closed_stdout_and_stderr_do_not_end_the_job(model: Path, tmp_path: Path
     assert sorted(ids(out)) == sorted(f"r{i}" for i in range(n))
     run = json.loads((tmp_path / "out.manifest.json").read_text())["runs"][-1]
     assert run["status"] == "complete" and set(run["broken_pipe"]) == {"stderr", "stdout"}
+
+
+def test_ray_flags_without_ray(tmp_path: Path) -> None:
+    """--ray where Ray cannot be imported: one line naming the extra, exit 2, nothing written;
+    --replicas without --ray is a usage error too (neither needs Ray nor the model)."""
+    batch = tmp_path / "in.jsonl"
+    batch.write_text('{"prompt": "a", "max_tokens": 2}\n')
+    out = tmp_path / "out.jsonl"
+    for flags, words in ((["--ray", "local"], "pip install 'batchllm[ray]'"), (["--replicas", "2"], "needs --ray")):
+        code = ("import sys; sys.modules['ray'] = None\nfrom batchllm.cli import main\n"
+                f"sys.exit(main(['run-batch', '-i', {str(batch)!r}, '-o', {str(out)!r}, '--model', 'nowhere', "
+                f"*{flags!r}]))")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and words in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()

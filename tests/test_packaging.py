@@ -67,8 +67,9 @@ def _undeclared(imports: dict[str, Path], declared: set[str], by_name: bool = Fa
 # Modules imported only on an optional path, by the extra that installs what they import: nothing
 # else imports them at module level (checked below), and a CPU engine never imports the Triton
 # ones (tests/test_triton_executor.py).
-OPTIONAL = {"gpu": ("kernels/triton/", "attention/triton_executor.py"), "lm-eval": ("integrations/lm_eval.py",)}
-OPTIONAL_TESTS = {ROOT / "tests" / "test_lm_eval.py": "lm-eval"}
+OPTIONAL = {"gpu": ("kernels/triton/", "attention/triton_executor.py"), "lm-eval": ("integrations/lm_eval.py",),
+            "ray": ("ray.py", "distributed/ray_runner.py")}
+OPTIONAL_TESTS = {ROOT / "tests" / "test_lm_eval.py": "lm-eval", ROOT / "tests" / "test_ray.py": "ray"}
 
 
 def _extra_of(f: Path) -> str | None:
@@ -140,6 +141,7 @@ def test_readme_has_the_two_setup_commands_ci_runs() -> None:
     "import batchllm, batchllm.cli, batchllm.planner, batchllm.sampling_params",
     "from batchllm.cli import main; main(['--help'])",
     "from batchllm.cli import main; main(['plan', '--help'])",
+    "import batchllm.distributed.bins, batchllm.distributed.resources, batchllm.distributed.stats",
 ])
 def test_light_entry_points_do_not_import_torch(code: str) -> None:
     """`sys.modules['torch'] = None` makes any import of torch fail, so these paths never touch it."""

@@ -8,6 +8,7 @@ mismatch, bad flag); 130 interrupted by SIGINT/SIGTERM (finished results are kep
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shlex
 import sys
@@ -49,6 +50,35 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="torch device (default cpu)")
 
 
+def _ray_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Ray (needs: pip install 'batchllm[ray]')")
+    g.add_argument("--ray", metavar="ADDRESS", help="run on Ray replicas: 'local' starts a cluster on this machine, "
+                   "else an existing cluster's address ('auto', HOST:PORT); the driver plans, each replica runs whole "
+                   "prefix groups")
+    g.add_argument("--replicas", type=int, metavar="N", help="engine replicas (with --ray; default 1)")
+    each = g.add_mutually_exclusive_group()
+    each.add_argument("--cpus-per-replica", type=float, metavar="C",
+                      help="CPUs per replica, may be fractional; torch threads = max(1, int(C)) (default: the "
+                      "cluster's CPUs less one, shared equally)")
+    each.add_argument("--gpus-per-replica", type=float, metavar="G", help="GPUs per replica (sets --device cuda)")
+
+
+def _ray_options(args: argparse.Namespace) -> Any:
+    """`RayOptions` for --ray, None without it; ValueError for a bad combination."""
+    extra = [f for f in ("replicas", "cpus_per_replica", "gpus_per_replica") if getattr(args, f) is not None]
+    if args.ray is None:
+        if extra:
+            raise ValueError(f"--{extra[0].replace('_', '-')} needs --ray")
+        return None
+    if args.replicas is not None and args.replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    if importlib.util.find_spec("ray") is None:  # not imported here: --ray imports it where it runs
+        raise ValueError("--ray needs Ray, which is not installed: pip install 'batchllm[ray]'")
+    from batchllm.distributed.options import RayOptions
+
+    return RayOptions(args.ray, args.replicas or 1, args.cpus_per_replica, args.gpus_per_replica)
+
+
 def _engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     names = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size", "seed",
              "kv_cache_memory", "gpu_memory_utilization", "num_kv_blocks", "policy", "attention", "device")
@@ -85,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--log-interval", type=float, default=5.0, metavar="S",
                     help="seconds between progress lines when stderr is not a terminal (default 5)")
     _engine_flags(rb)
+    _ray_flags(rb)
 
     pl = sub.add_parser("plan", help="tokenize and plan a batch file without running the model",
                         description="Parse and tokenize IN like run-batch (without loading weights), then print the "
@@ -131,11 +162,15 @@ def _resume_command(argv: Sequence[str]) -> str:
 def _cmd_run_batch(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from batchllm.batch_io.job import JobOptions, run_batch
 
+    try:
+        ray = _ray_options(args)
+    except ValueError as e:
+        return _usage(str(e), "run-batch")
     return run_batch(JobOptions(
         input=args.input, output=args.output, model=args.model, engine_kwargs=_engine_kwargs(args),
         error_file=args.error_file, resume=args.resume, overwrite=args.overwrite, stats_json=args.stats_json,
         resume_command=None if str(args.output) == "-" else _resume_command(argv), log_interval=args.log_interval,
-        served_model_name=args.served_model_name))
+        served_model_name=args.served_model_name, ray=ray))
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:

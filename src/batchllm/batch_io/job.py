@@ -11,24 +11,28 @@ import json
 import sys
 import time
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from batchllm.outputs import RequestOutput, RunStats
+from batchllm.limits import Limits
+from batchllm.tokenizer import Tokenizer
 
+from .exit_codes import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from .local_runner import LocalRunner
 from .lock import JobLock, LockHeld
 from .pipes import PipeGuard
-from .prepare import Prepared, paused_gc, prepare, units_of
+from .prepare import Prepared, paused_gc, prepare
 from .progress import Progress, Report, log
-from .requests import BatchRequest, ErrorRecord
+from .requests import ErrorRecord
 from .resume import STDOUT, JobFiles, OpenedJob, UsageError, open_job, sibling
+from .runner import Runner
 from .schema import RecordMaker
 from .signals import StopSignals
 from .writer import JsonlWriter, StdoutWriter, open_writer
-from .exit_codes import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 
+if TYPE_CHECKING:
+    from batchllm.distributed.options import RayOptions
 
 
 @dataclass
@@ -47,6 +51,15 @@ class JobOptions:
     tty: bool | None = None  # progress bar? (default: whether `stream` is a terminal)
     log_interval: float = 5.0
     served_model_name: str | None = None  # the results' `model` field (default: `model` as given)
+    ray: RayOptions | None = None  # run on Ray replicas instead of in this process
+
+    def runner(self) -> Runner:
+        """Where the requests run (Ray is imported only when asked for)."""
+        if self.ray is None:
+            return LocalRunner(self.model, self.engine_kwargs)
+        from batchllm.distributed.ray_runner import RayRunner
+
+        return RayRunner(self.model, self.engine_kwargs, self.ray)
 
     @property
     def files(self) -> JobFiles:
@@ -68,15 +81,18 @@ def run_batch(o: JobOptions) -> int:
     except (LockHeld, OSError) as e:
         print(f"batchllm run-batch: error: {e}", file=stream, flush=True)
         return EXIT_USAGE
+    runner = o.runner()
     try:
         try:
             job = open_job(o.files, o.model, o.engine_kwargs, o.resume, o.overwrite, stream)
+            runner.connect()
         except UsageError as e:
             print(f"batchllm run-batch: error: {e}", file=stream, flush=True)
             return EXIT_USAGE
         _mark_killed_runs(job)
-        return _Job(o, job, stream, report).run()
+        return _Job(o, job, stream, report, runner).run()
     finally:
+        runner.close()
         lock.release()
 
 
@@ -90,13 +106,13 @@ def _mark_killed_runs(job: OpenedJob) -> None:
 
 
 class _Job:
-    def __init__(self, o: JobOptions, job: OpenedJob, stream: PipeGuard, report: PipeGuard) -> None:
+    def __init__(self, o: JobOptions, job: OpenedJob, stream: PipeGuard, report: PipeGuard, runner: Runner) -> None:
         self.o, self.job, self.stream, self.files = o, job, stream, o.files
         self.report_stream = report
+        self.runner = runner
         self.t0 = time.monotonic()
         self.load_s = 0.0
         self.ok_run = self.failed_run = self.remaining = 0
-        self.stats: RunStats | None = None
         self.errors: list[ErrorRecord] = []
         self.manifest_saved = False
         self.run_entry: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "status": "running",
@@ -110,24 +126,22 @@ class _Job:
         if not p.items:
             log(f"warning: {self.files.input} holds no request (it is empty or blank); nothing to run", self.stream)
             return self._finish("complete", None)
-        status, message, phase = "failed", None, "model load failed"
+        status, message, phase = "failed", None, self.runner.start_phase
         writers: list[JsonlWriter | StdoutWriter] = []
         with StopSignals(self.stream) as sig:
             try:
                 log(f"loading {self.o.model} ...", self.stream)
-                from batchllm.llm import LLM
-
-                llm = LLM(self.o.model, **self.o.engine_kwargs)
+                tokenizer, limits = self.runner.start(self.stream)
                 self.load_s = time.monotonic() - self.t0
                 phase = "failure while preparing requests"
-                todo, maker = self._prepare(llm)
+                todo, maker = self._prepare(tokenizer, limits)
                 out_w, err_w = open_writer(self.files.output), open_writer(self.files.errors)
                 writers += [out_w, err_w]
                 self._write_errors(err_w, maker)
                 self.remaining = len(todo)
                 if todo:
                     phase = "engine failure"
-                    self._run(llm, todo, maker, out_w, sig)
+                    self._run(todo, maker, out_w, err_w, sig)
                 if self.remaining and not sig.requested:
                     raise RuntimeError(f"the engine stopped with {self.remaining} request(s) unfinished")
                 status = "interrupted" if self.remaining else "complete"
@@ -149,21 +163,20 @@ class _Job:
                       f"{self.o.resume_command}"
         return self._finish(status, message)
 
-    def _prepare(self, llm: Any) -> tuple[list[Prepared], RecordMaker]:
+    def _prepare(self, tokenizer: Tokenizer, limits: Limits) -> tuple[list[Prepared], RecordMaker]:
         """Tokenize and validate everything, save the manifest; return the requests still to run."""
         job, p = self.job, self.job.parsed
-        limits = llm.engine.limits
         max_context = job.manifest.settings.get("max_context") or limits.max_context
         job.manifest.settings["max_context"] = max_context
         with paused_gc():
-            prepared, bad = prepare(p.requests, llm.tokenizer, limits, job.cfg.seed, max_context)
-        prepared, bad = _compile_constraints(llm, prepared, bad)
+            prepared, bad = prepare(p.requests, tokenizer, limits, job.cfg.seed, max_context)
+        prepared, bad = _screen(self.runner, prepared, bad)
         self.errors = sorted(p.errors + bad, key=lambda e: e.line)
         job.manifest.runs.append(self.run_entry)
         if self.files.manifest is not None:
             job.manifest.save(self.files.manifest)
             self.manifest_saved = True
-        maker = RecordMaker(p.sha256, self.o.served_model_name or self.o.model, llm.tokenizer,
+        maker = RecordMaker(p.sha256, self.o.served_model_name or self.o.model, tokenizer,
                             f"fp_{job.this_run.model_fingerprint[:10]}")
         todo = [r for r in prepared if not job.is_done(r.request.line, r.request.custom_id)]
         if prepared and not todo:
@@ -182,19 +195,28 @@ class _Job:
         if new:
             log(f"{len(new)} invalid request(s) written to {_name(self.files.errors)}", self.stream)
 
-    def _run(self, llm: Any, todo: list[Prepared], maker: RecordMaker, out_w: JsonlWriter | StdoutWriter,
-             sig: StopSignals) -> None:
+    def _run(self, todo: list[Prepared], maker: RecordMaker, out_w: JsonlWriter | StdoutWriter,
+             err_w: JsonlWriter | StdoutWriter, sig: StopSignals) -> None:
         log(f"running {len(todo)} request(s) ({sum(len(r.prompt_ids) for r in todo)} prompts)", self.stream)
         done = len(self.job.done_ids)
         progress = Progress(len(todo) + done, done, self.stream, self.o.tty, self.o.log_interval)
         try:
-            for req, outs in _generate(llm, todo, sig, progress):
-                out_w.write(maker.result(req, outs))
-                self.ok_run += 1
+            for f in self.runner.run(todo, sig, progress):
+                r = f.prepared.request
+                if f.outputs is None:  # refused by the engine where it ran: an error record, as before the run
+                    err_w.write(maker.error(ErrorRecord(r.line, r.custom_id, f"line {r.line}: {f.error}",
+                                                        "invalid_prompt", "messages" if r.endpoint == "chat"
+                                                        else "prompt")))
+                    err_w.sync()
+                    self.failed_run += 1
+                else:
+                    out_w.write(maker.result(r, f.outputs))
+                    self.ok_run += 1
+                    progress.request_done(sum(len(s.prompt_token_ids) for s in f.outputs),
+                                          sum(s.num_cached_tokens for s in f.outputs))
                 self.remaining -= 1
         finally:
             progress.close()
-            self.stats = llm.last_run_stats
 
     def _finish(self, status: str, message: str | None) -> int:
         """Log the run in the manifest, print the report, write --stats-json; the exit code."""
@@ -206,7 +228,8 @@ class _Job:
         report = Report(status=status, requests_in_file=len(job.parsed.items), ok=ok, failed=failed,
                         ok_this_run=self.ok_run, ok_before=ok_before, failed_this_run=self.failed_run,
                         remaining=max(0, len(job.parsed.items) - ok - failed),
-                        total_time_s=time.monotonic() - self.t0, load_time_s=self.load_s, run=self.stats,
+                        total_time_s=time.monotonic() - self.t0, load_time_s=self.load_s, run=self.runner.stats(),
+                        replicas=self.runner.replica_stats(),
                         files={"results": _name(f.output), "errors": _name(f.errors),
                                "manifest": _name(f.manifest)},
                         message=message)
@@ -226,11 +249,11 @@ class _Job:
         return {"complete": EXIT_OK, "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_FAILURE)
 
 
-def _compile_constraints(llm: Any, prepared: list[Prepared], bad: list[ErrorRecord]
-                         ) -> tuple[list[Prepared], list[ErrorRecord]]:
-    """Compile every distinct structured-output constraint once, before the run; a request
-    whose constraint does not compile becomes an error record (the others run)."""
-    failed = llm.structured_errors([r.params[0] for r in prepared])
+def _screen(runner: Runner, prepared: list[Prepared], bad: list[ErrorRecord]
+            ) -> tuple[list[Prepared], list[ErrorRecord]]:
+    """A request the runner refuses before the run (its structured-output constraint does not
+    compile) becomes an error record; the others run."""
+    failed = runner.screen(prepared)
     if not failed:
         return prepared, bad
     bad = bad + [ErrorRecord(prepared[i].request.line, prepared[i].request.custom_id,
@@ -241,32 +264,3 @@ def _compile_constraints(llm: Any, prepared: list[Prepared], bad: list[ErrorReco
 
 def _name(path: Path | None) -> str:
     return "(none)" if path is None else "stdout" if path == STDOUT else str(path)
-
-
-def _generate(llm: Any, todo: list[Prepared], sig: StopSignals, progress: Progress
-              ) -> Iterator[tuple[BatchRequest, list[RequestOutput]]]:
-    """Yield (request, one output per prompt) as soon as all of a request's prompts finish."""
-    units = units_of(todo)
-    prompts = [{"prompt_token_ids": todo[u.request].prompt_ids[u.index],
-                "prompt": todo[u.request].prompt_texts[u.index]} for u in units]
-    params = [todo[u.request].params[u.index] for u in units]
-    collected: dict[int, list[RequestOutput | None]] = {}
-
-    def should_stop() -> bool:  # polled by the engine before every step
-        progress.tick(llm.last_run_stats)
-        return sig.requested
-
-    sig.running = True
-    try:
-        for out in llm.iter_generate(prompts, params, use_tqdm=False, should_stop=should_stop):
-            u = units[int(out.request_id)]
-            slots = collected.setdefault(u.request, [None] * len(todo[u.request].prompt_ids))
-            slots[u.index] = out
-            if all(s is not None for s in slots):
-                del collected[u.request]
-                outs = [s for s in slots if s is not None]
-                progress.request_done(sum(len(s.prompt_token_ids) for s in outs),
-                                      sum(s.num_cached_tokens for s in outs))
-                yield todo[u.request].request, outs
-    finally:
-        sig.running = False

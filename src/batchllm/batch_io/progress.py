@@ -115,14 +115,17 @@ class Report:
     run: RunStats | None
     files: dict[str, str] = field(default_factory=dict)
     message: str | None = None
+    # Each replica's own statistics when the job ran on several (`run` is then their sum);
+    # absent from the JSON of a single-process job.
+    replicas: list[RunStats] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.pop("run")
-        run = self.run.to_dict() if self.run is not None else None
-        if run is not None:
-            run.pop("tokens_per_step", None)  # one entry per step: too long for a report
-        d["run"] = run
+        d["run"] = _stats_dict(self.run)
+        if self.replicas is None:
+            d.pop("replicas")
+        else:
+            d["replicas"] = [_stats_dict(s) for s in self.replicas]
         return d
 
     def text(self) -> str:
@@ -151,6 +154,17 @@ class Report:
                 f"  KV cache    peak {s.peak_kv_tokens:,} tokens ({s.peak_kv_blocks}/{s.num_kv_blocks} blocks), "
                 f"{s.preemptions} preemptions",
             ]
+        if self.replicas:
+            lines.append(f"  replicas    {len(self.replicas)}, prompt tokens computed by each: "
+                         + ", ".join(f"{r.computed_prefill_tokens:,}" for r in self.replicas))
         for name, path in self.files.items():
             lines.append(f"  {name:<11} {path}")
         return "\n".join(lines)
+
+
+def _stats_dict(s: RunStats | None) -> dict[str, Any] | None:
+    if s is None:
+        return None
+    d = s.to_dict()
+    d.pop("tokens_per_step", None)  # one entry per step: too long for a report
+    return d
