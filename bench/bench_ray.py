@@ -81,7 +81,7 @@ def run_round_robin(spec: dict) -> dict:
     import ray
 
     from batchllm.distributed.ray_runner import Replica
-    from batchllm.distributed.replica import BinRequest
+    from batchllm.distributed.replica import BinRequest, collect
     from batchllm.sampling_params import SamplingParams
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
@@ -93,7 +93,8 @@ def run_round_robin(spec: dict) -> dict:
         params = SamplingParams(temperature=0, max_tokens=spec["max_tokens"])
         reqs = [BinRequest(i, [p], [None], [params]) for i, p in enumerate(spec["prompts"])]
         t0 = time.perf_counter()
-        results = ray.get([a.run_bin.remote(reqs[r::REPLICAS]) for r, a in enumerate(actors)])
+        streams = [a.run_bin.remote(reqs[r::REPLICAS]) for r, a in enumerate(actors)]  # both bins run now
+        results = [collect(ray.get(list(s))) for s in streams]
         seconds = time.perf_counter() - t0
     finally:
         ray.shutdown()

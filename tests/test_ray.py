@@ -257,3 +257,76 @@ def test_build_processor_isolates_a_bad_row(address: str, llama_dir: Path) -> No
     assert sum(s.computed_prefill_tokens for s in processor.last_run_stats) == \
         LLM(str(llama_dir), **engine).plan(prompts, SamplingParams(max_tokens=6)).stats.planned_prefill_tokens
 
+
+
+def _write(path: Path, lines: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def _single_run(batch: Path, out: Path, model: Path) -> None:
+    from batchllm.cli import main
+
+    assert main(["run-batch", "-i", str(batch), "-o", str(out), "--model", str(model), *FLAGS]) == 0
+
+
+def test_results_stream_within_a_bin(address: str, llama_dir: Path, tmp_path: Path) -> None:
+    """One replica, one bin (a single prefix group) whose short requests finish long before its
+    long ones: their results are in OUT while the bin still runs, so a kill -9 of the driver
+    then keeps them, and --resume runs only the rest."""
+    from batchllm.distributed.options import RayOptions
+    from batchllm.distributed.ray_runner import RayRunner
+
+    rng = random.Random(5)
+    prefix = [rng.randrange(5, 1024) for _ in range(40)]
+    lines = [{"custom_id": f"r{m}", "prompt": prefix + [rng.randrange(5, 1024) for _ in range(4)], "temperature": 0,
+              "max_tokens": 2 if m % 2 else 200, "ignore_eos": True} for m in range(8)]
+    batch = _write(tmp_path / "in.jsonl", lines)
+    cfg = EngineConfig.from_kwargs(str(llama_dir), kv_cache_memory=16 << 20, dtype="float32")
+    prepared, _ = prepare(parse_file(batch).requests, Tokenizer(llama_dir), limits_of_config(cfg), cfg.seed)
+    runner = RayRunner(str(llama_dir), {}, RayOptions(address, replicas=1))
+    runner.cfg, runner.actors = cfg, [None]
+    assert len(runner.plan(prepared)) == 1  # the whole batch is one bin
+
+    single = tmp_path / "single.jsonl"
+    _single_run(batch, single, llama_dir)
+    out = tmp_path / "out.jsonl"
+    argv = ["run-batch", "-i", str(batch), "-o", str(out), "--model", str(llama_dir), *FLAGS,
+            "--ray", address, "--replicas", "1", "--cpus-per-replica", "0.5"]
+    proc = _start_and_wait(argv, out)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    written = _texts(out)  # every line whole and valid, each custom_id once
+    assert 0 < len(written) < len(lines), f"{len(written)} results when killed: the bin's results did not stream"
+    assert all(lines[int(cid[1:])]["max_tokens"] == 2 for cid in written)  # the short ones
+    _resume_and_compare(argv, out, single, ["killed", "complete"])
+
+
+def test_a_constraint_that_does_not_compile_is_the_same_error_record(address: str, llama_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    """A json_schema that does not compile: on Ray the same error record (code, param, message)
+    as in one process; the other requests complete with the same outputs."""
+    rng = random.Random(6)
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "string", "pattern": "(["}}}}}
+    lines = [{"custom_id": f"ok{m}", "prompt": [rng.randrange(5, 1024) for _ in range(12)], "max_tokens": 4,
+              "temperature": 0} for m in range(3)]
+    lines.insert(1, {"custom_id": "bad", "prompt": [7, 8, 9], "max_tokens": 4, "response_format": bad})
+    batch = _write(tmp_path / "in.jsonl", lines)
+    single, ray_out = tmp_path / "single" / "out.jsonl", tmp_path / "ray" / "out.jsonl"
+    single.parent.mkdir()
+    ray_out.parent.mkdir()
+    _single_run(batch, single, llama_dir)
+    from batchllm.cli import main
+
+    assert main(["run-batch", "-i", str(batch), "-o", str(ray_out), "--model", str(llama_dir), *FLAGS,
+                 "--ray", address, "--replicas", "1", "--cpus-per-replica", "0.5"]) == 0
+
+    def errors(out: Path) -> list[tuple[str, dict]]:
+        rows = [json.loads(x) for x in out.with_name("out.errors.jsonl").read_text().splitlines()]
+        return [(r["custom_id"], r["response"]["body"]["error"]) for r in rows]
+
+    expected = errors(single)
+    assert [(cid, e["code"], e["param"]) for cid, e in expected] == [("bad", "invalid_value", "response_format")]
+    assert errors(ray_out) == expected
+    assert _texts(ray_out) == _texts(single) and len(_texts(single)) == 3

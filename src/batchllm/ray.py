@@ -15,8 +15,8 @@ the generated columns hold the first sample.
 The rows are materialised on the driver, which must see the whole batch to plan it: it
 tokenizes and validates them (no weights loaded), plans, packs whole prefix groups into bins
 (`distributed/bins.py`), and maps the bins over a pool of actors (`ActorPoolStrategy`, one bin
-per call), each loading the model once. The rows come back in input order. Importing this
-module imports Ray (the `ray` extra).
+per call, its results gathered whole by `replica.collect`), each loading the model once. The
+rows come back in input order. Importing this module imports Ray (the `ray` extra).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from batchllm.config import EngineConfig
 from batchllm.distributed.bins import groups_of_plan, pack
 from batchllm.distributed.options import LOCAL, RayOptions
 from batchllm.distributed.ray_runner import cluster_resources, connect
-from batchllm.distributed.replica import BinRequest, BinResult, run_bin
+from batchllm.distributed.replica import BinRequest, BinResult, collect, run_bin
 from batchllm.limits import limits_of_config
 from batchllm.outputs import RunStats
 from batchllm.sampling_params import SamplingParams
@@ -79,7 +79,7 @@ class _BinWorker:
         self.llm = LLM(model, **engine_kwargs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = [pickle.dumps(run_bin(self.llm, pickle.loads(b))) for b in batch["requests"]]
+        results = [pickle.dumps(collect(run_bin(self.llm, pickle.loads(b)))) for b in batch["requests"]]
         return {"result": np.array(results, dtype=object)}
 
 

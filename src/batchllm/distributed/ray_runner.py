@@ -1,15 +1,19 @@
 """The run-batch runner on Ray: the driver plans, replicas (Ray actors) run whole bins.
 
 The driver tokenizes and validates with the tokenizer and the limits computed from the model
-folder (no weights loaded), plans the whole batch, packs whole prefix groups into bins
-(`bins.pack`) and feeds them, largest first, to whichever replica is idle. A replica loads the
-model once and runs each bin as one batch. A bin's results come back when it ends; the job
-writes them (`batch_io/job.py`), so a crash loses at most the bins in flight and `--resume`
-plans only what is not written. A replica that dies fails the job with the resume hint, after
-the others were told to stop and their finished requests were written. A replica checks each
-request against its own engine too (`LLM.generate(..., return_errors=True)`): one its limits
-refuse (a smaller KV pool than the driver computed) or whose constraint does not compile comes
-back as that request's error record.
+folder (no weights loaded), compiles each distinct structured-output constraint (as the
+single-process run does, so one that does not compile gets the same error record), plans the
+whole batch, packs whole prefix groups into bins (`bins.pack`) and feeds them, largest first,
+to whichever replica is idle. A replica loads the model once and runs each bin as one batch.
+Its `run_bin` is a Ray streaming generator: each request's outcome comes back as soon as that
+request finishes, and the driver, waiting on every running bin's stream at once (`ray.wait`),
+hands it to the job, which writes it at once (`batch_io/job.py`). So a crash loses only the
+requests still running, and `--resume` runs only what is not written, the unfinished part of a
+half-finished bin included. A replica's statistics are added when its bin ends. A replica that
+dies fails the job with the resume hint, after the others were told to stop and their finished
+requests were written. A replica checks each request against its own engine too
+(`LLM.iter_generate(..., return_errors=True)`): one its limits refuse (a smaller KV pool than
+the driver computed) comes back as that request's error record.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from batchllm.tokenizer import Tokenizer
 
 from .bins import Bin, groups_of_plan, pack
 from .options import LOCAL, RayOptions
-from .replica import BinRequest, BinResult, run_bin
+from .replica import BinDone, BinEvent, BinRequest, run_bin
 from .resources import ReplicaResources, ResourceError, replica_resources
 from .stats import after, over_replicas
 
@@ -54,8 +58,10 @@ class Replica:
         self.llm = LLM(model, **engine_kwargs)
         self._stop = threading.Event()
 
-    def run_bin(self, requests: list[BinRequest]) -> BinResult:
-        return run_bin(self.llm, requests, self._stop.is_set)
+    @ray.method(num_returns="streaming")
+    def run_bin(self, requests: list[BinRequest]) -> Iterator[BinEvent]:
+        """Each request's `RequestDone` as it finishes, then the `BinDone` (a Ray streaming generator)."""
+        yield from run_bin(self.llm, requests, self._stop.is_set)
 
     def stop(self) -> None:
         self._stop.set()
@@ -129,10 +135,18 @@ class RayRunner:
         self.per_replica = [RunStats() for _ in self.actors]
         ray.get([a.pid.remote() for a in self.actors])  # every replica has loaded the model (or raises)
         self.cfg = cfg
-        return Tokenizer(cfg.tokenizer or cfg.model), limits_of_config(cfg)
+        self.tokenizer, self.limits = Tokenizer(cfg.tokenizer or cfg.model), limits_of_config(cfg)
+        return self.tokenizer, self.limits
 
     def screen(self, prepared: list[Prepared]) -> dict[int, str]:
-        return {}  # constraints compile on the replicas; a failure comes back as that request's error
+        """Compile every distinct structured-output constraint here, before the run, as the
+        single-process run does (the compiler needs the tokenizer and the vocabulary only)."""
+        params = [r.params[0] for r in prepared]
+        if not any(p.structured_outputs is not None for p in params):
+            return {}
+        from batchllm.structured.grammars import GrammarCache
+
+        return GrammarCache(self.tokenizer, self.limits.vocab_size).compile(params, self.cfg.grammar_timeout_s)
 
     def plan(self, todo: list[Prepared]) -> list[Bin]:
         """Whole prefix groups of `todo` packed into bins (request indices into `todo`)."""
@@ -146,10 +160,11 @@ class RayRunner:
         return pack(groups, len(self.actors))
 
     def run(self, todo: list[Prepared], sig: StopSignals, progress: Progress) -> Iterator[Finished]:
+        """Yield each request as its replica reports it done, from every running bin at once."""
         self.run_started = time.monotonic()
         queue = deque(self.plan(todo))
         idle = list(range(len(self.actors)))
-        running: dict[Any, int] = {}  # result ref -> replica
+        running: dict[Any, int] = {}  # a running bin's stream (ObjectRefGenerator) -> its replica
         failure: str | None = None
         sig.running = True
         try:
@@ -159,24 +174,31 @@ class RayRunner:
                     b = queue.popleft()
                     reqs = [BinRequest(i, todo[i].prompt_ids, todo[i].prompt_texts, todo[i].params) for i in b.requests]
                     running[self.actors[r].run_bin.remote(reqs)] = r
+                # A stream is ready when its next item has arrived; `ray.wait` keeps the list's
+                # order, and a stream read from moves to the end, so every replica is heard.
                 ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
                 progress.tick(self.stats())
                 if sig.requested or failure is not None:
                     self._stop_all(running.values())
-                for ref in ready:
-                    r = running.pop(ref)
+                for stream in ready:
+                    r = running[stream]
                     try:
-                        result: BinResult = ray.get(ref)
+                        event: BinEvent = ray.get(next(stream))
                     except RayActorError as e:
+                        del running[stream]
                         failure = failure or f"replica {r} died: {e}".splitlines()[0]
                         self._stop_all(running.values())
                         continue
-                    self.per_replica[r] = after(self.per_replica[r], result.stats)
-                    idle.append(r)
-                    for key, outs in result.outputs.items():
-                        yield Finished(todo[key], outs)
-                    for key, why in result.errors.items():
-                        yield Finished(todo[key], error=why)
+                    if isinstance(event, BinDone):
+                        del running[stream]
+                        self.per_replica[r] = after(self.per_replica[r], event.stats)
+                        idle.append(r)
+                        continue
+                    running[stream] = running.pop(stream)
+                    if event.outputs is not None:
+                        yield Finished(todo[event.key], event.outputs)
+                    else:
+                        yield Finished(todo[event.key], error=event.error)
         finally:
             sig.running = False
             self.run_ended = time.monotonic()
