@@ -287,3 +287,38 @@ def test_sampler_greedy_rows_agree_with_and_without_kernels() -> None:
     a, b = Sampler(KERNELS)(logits, seqs), Sampler()(logits, seqs)
     assert a.token_ids[::2] == logits[::2].float().argmax(-1).tolist() == b.token_ids[::2]
     assert a.logprobs[::2] == b.logprobs[::2] and all(lp is not None for lp in a.logprobs[::2])
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [1000, 1024, 77])
+def test_apply_token_bitmask_matches_the_unpacked_mask(dtype: torch.dtype, vocab: int) -> None:
+    """The kernel (structured outputs' masks) against masks.apply_token_bitmask (bits unpacked by
+    NumPy): sparse, dense, empty and full rows, a partial last word, a subset of the rows."""
+    import numpy as np
+
+    from batchllm.structured.masks import apply_token_bitmask
+
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(7, vocab, generator=gen).to(dtype)
+    words = (vocab + 31) // 32
+    bits = torch.rand(4, words * 32, generator=gen)
+    bits[0] = bits[0] < 0.002  # a forced token or two
+    bits[1] = bits[1] < 0.9
+    bits[2] = 0  # nothing allowed
+    bits[3] = 1  # everything allowed
+    bits[0, 5] = 1
+    bitmask = np.packbits(bits.bool().numpy(), axis=1, bitorder="little").view(np.int32)  # llguidance's layout
+    rows = [5, 0, 2, 6]
+    want = logits.clone()
+    apply_token_bitmask(want, rows, bitmask)
+    got = logits.clone()
+    KERNELS.apply_token_bitmask(got, torch.tensor(rows), torch.from_numpy(bitmask))
+    assert torch.equal(got, want)
+    allowed = ~torch.isinf(got[rows])
+    assert torch.equal(allowed, bits[:, :vocab].bool())
+    assert torch.equal(got[[1, 3, 4]], logits[[1, 3, 4]])  # other rows untouched
+    with pytest.raises(ValueError, match="int32 bitmask"):
+        KERNELS.apply_token_bitmask(got, torch.tensor(rows[:3]), torch.from_numpy(bitmask))
+    with pytest.raises(ValueError, match="outside"):
+        KERNELS.apply_token_bitmask(got, torch.tensor([0, 1, 2, 7]), torch.from_numpy(bitmask))

@@ -133,6 +133,27 @@ def test_twenty_constraints_with_free_requests_invariant(llama_dir: Path, llm: L
     assert small.last_run_stats.preemptions > 0
 
 
+@pytest.mark.parametrize("cpu_kernels", [True, False])
+def test_overlapped_masks_equal_the_reference_path(llama_dir: Path, random_prompts: Callable[..., list[list[int]]],
+                                                   cpu_kernels: bool) -> None:
+    """Masks filled in the worker thread during the forward pass (`grammar_overlap`, the default)
+    give the reference path's tokens (masks filled in the sampler) on the mixed batch, with the
+    group policy and under preemption; with the C kernel applying them and without it."""
+    prompts, params = mixed_batch(random_prompts)
+    ids = [{"prompt_token_ids": p} for p in prompts]
+    runs = {}
+    for overlap in (False, True):
+        for blocks, policy in ((1024, "batchllm"), (14, "fcfs")):
+            llm = LLM(str(llama_dir), dtype="float32", num_kv_blocks=blocks, policy=policy, cpu_kernels=cpu_kernels,
+                      grammar_overlap=overlap)
+            runs[overlap, policy] = [o.outputs[0].token_ids for o in llm.generate(ids, params, use_tqdm=False)]
+            stats = llm.last_run_stats
+            assert stats.grammar_mask_steps > 0 and stats.grammar_fill_time_s > 0
+            assert stats.preemptions > 0 or policy == "batchllm"
+    reference = runs[False, "batchllm"]
+    assert all(r == reference for r in runs.values())
+
+
 def test_json_object(llm: LLM) -> None:
     """Any JSON object; the random model's objects may be long, so only finished ones are read."""
     outs = llm.generate(["a", "b", "c", "d"], [constrained(so(json_object=True), seed=i, max_tokens=300)

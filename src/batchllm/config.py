@@ -176,6 +176,10 @@ class EngineConfig:
     # Structured outputs: the time limit for compiling a run's constraints (all in parallel,
     # before the first step); a constraint not compiled by then is its requests' error.
     grammar_timeout_s: float = 30.0
+    # Structured outputs: fill each step's grammar masks in a worker thread while the step is
+    # scheduled and its forward pass runs (structured/masks.py); False fills them after the
+    # forward pass, in the sampler: the reference path, same outputs.
+    grammar_overlap: bool = True
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> "EngineConfig":

@@ -13,7 +13,7 @@ from batchllm.config import EngineConfig
 from batchllm.executor.logits_processors import LogitsProcessors
 from batchllm.executor.malloc import keep_heap
 from batchllm.executor.prompt_logprobs import PromptLogprobs
-from batchllm.executor.runner import ModelRunner
+from batchllm.executor.runner import ModelRunner, logit_rows
 from batchllm.executor.sampler import Sampler
 from batchllm.kernels.cpu import DTYPES as KERNEL_DTYPES, load_cpu_kernels
 from batchllm.limits import engine_limits
@@ -101,42 +101,50 @@ class Engine:
             failed = self.grammars.compile([s.params for s in seqs])
             if failed:
                 raise ValueError("structured outputs that do not compile: " + "; ".join(sorted(set(failed.values()))))
-            masks = StepMasks(self.grammars, seqs, self.eos_token_ids)
+            masks = StepMasks(self.grammars, seqs, self.eos_token_ids, self.sampler.kernels,
+                              overlap=self.config.grammar_overlap)
         start = time.perf_counter()
-        while sched.has_unfinished():
-            if should_stop is not None and should_stop():
-                break
-            out = sched.schedule()
-            if not out.seqs:
-                raise RuntimeError("scheduler produced an empty step with work left (KV pool too small?)")
-            stats.peak_kv_blocks = max(stats.peak_kv_blocks, sched.bm.num_used_blocks)
-            logits, row_seqs = self.runner.run(out, lp if lp.active else None)
-            if self.runner.last_prompt_rows is not None:
-                lp.record(*self.runner.last_prompt_rows)
-            plan = self.runner.last_plan
-            stats.prefix_shared_attention_steps += plan is not None and plan.prefix_shared
-            sched.after_step(out)
-            result = self.sampler(logits, [out.seqs[i] for i in row_seqs], self.eos_token_ids,
-                                  masks) if row_seqs else None
-            if masks and row_seqs:
-                masks.advance([out.seqs[i] for i in row_seqs], result.token_ids)
-            for j, i in enumerate(row_seqs):
-                seq = out.seqs[i]
-                reason = self._append(seq, result.token_ids[j], result.logprobs[j], result.top_logprobs[j])
-                if reason is not None:
-                    sched.finish(seq, reason)
-                    stats.output_tokens += seq.num_output_tokens
-                    yield seq
-            stats.steps += 1
-            stats.tokens_per_step.append(out.total_tokens)
-            stats.computed_prefill_tokens = sched.computed_prefill_tokens
-            stats.preemptions = sched.num_preemptions
-            stats.wall_time_s = time.perf_counter() - start
-            if on_step is not None:
-                on_step(stats)
+        try:
+            while sched.has_unfinished():
+                if should_stop is not None and should_stop():
+                    break
+                out = sched.schedule()
+                if not out.seqs:
+                    raise RuntimeError("scheduler produced an empty step with work left (KV pool too small?)")
+                stats.peak_kv_blocks = max(stats.peak_kv_blocks, sched.bm.num_used_blocks)
+                if masks:  # filled during the forward pass when overlapping (StepMasks)
+                    masks.begin([out.seqs[i] for i in logit_rows(out)])
+                logits, row_seqs = self.runner.run(out, lp if lp.active else None)
+                if self.runner.last_prompt_rows is not None:
+                    lp.record(*self.runner.last_prompt_rows)
+                plan = self.runner.last_plan
+                stats.prefix_shared_attention_steps += plan is not None and plan.prefix_shared
+                sched.after_step(out)
+                result = self.sampler(logits, [out.seqs[i] for i in row_seqs], self.eos_token_ids,
+                                      masks) if row_seqs else None
+                if masks and row_seqs:
+                    masks.advance([out.seqs[i] for i in row_seqs], result.token_ids)
+                for j, i in enumerate(row_seqs):
+                    seq = out.seqs[i]
+                    reason = self._append(seq, result.token_ids[j], result.logprobs[j], result.top_logprobs[j])
+                    if reason is not None:
+                        sched.finish(seq, reason)
+                        stats.output_tokens += seq.num_output_tokens
+                        yield seq
+                stats.steps += 1
+                stats.tokens_per_step.append(out.total_tokens)
+                stats.computed_prefill_tokens = sched.computed_prefill_tokens
+                stats.preemptions = sched.num_preemptions
+                stats.wall_time_s = time.perf_counter() - start
+                if on_step is not None:
+                    on_step(stats)
+        finally:
+            if masks is not None:
+                masks.close()
         stats.wall_time_s = time.perf_counter() - start
         if masks is not None:
             stats.grammar_mask_time_s, stats.grammar_mask_steps = masks.mask_time_s, masks.mask_steps
+            stats.grammar_fill_time_s = masks.fill_time_s
         stats.kv_blocks_in_use_at_end = sched.bm.num_used_blocks
 
     def _append(self, seq: Sequence, token: int, logprob: float | None, top: dict[int, float] | None) -> str | None:

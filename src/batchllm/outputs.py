@@ -91,12 +91,15 @@ class RunStats:
     kv_blocks_in_use_at_end: int = 0
     wall_time_s: float = 0.0
     policy: str = ""
-    # Structured outputs: compiling the run's distinct constraints (before the first step), and
-    # the grammar work of the steps (filling and applying the masks, feeding the matchers the
-    # sampled tokens), summed over the steps that had constrained rows.
+    # Structured outputs: compiling the run's distinct constraints (before the first step); the
+    # time the step loop spent on grammar masks (waiting for the fill or filling, applying them,
+    # feeding the matchers the sampled tokens), summed over the steps that had constrained rows;
+    # and llguidance's own time filling masks and feeding tokens, most of it in a worker thread
+    # during the forward passes with `EngineConfig.grammar_overlap`.
     grammar_compile_time_s: float = 0.0
     grammar_mask_time_s: float = 0.0
     grammar_mask_steps: int = 0
+    grammar_fill_time_s: float = 0.0
 
     @property
     def saving(self) -> float:

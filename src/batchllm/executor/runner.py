@@ -28,6 +28,15 @@ def zeroed_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     return torch.frombuffer(mmap.mmap(-1, math.prod(shape) * dtype.itemsize), dtype=dtype).view(shape)
 
 
+def logit_rows(out: SchedulerOutput) -> list[int]:
+    """Indices (into `out.seqs`) of the sequences that get logits this step, in the order of the
+    logits rows `ModelRunner.run` returns: those whose last token is computed by it (never a
+    group's prefix pseudo-sequence). Known before the step runs (structured outputs' masks are
+    filled meanwhile)."""
+    return [i for i, (seq, n) in enumerate(zip(out.seqs, out.num_tokens))
+            if seq.num_computed_tokens + n == seq.num_tokens and not seq.is_prefix]
+
+
 class ModelRunner:
     """Packs the scheduled tokens of every sequence into one flat batch (no padding) and runs it.
 
@@ -66,11 +75,11 @@ class ModelRunner:
         With `prompt_logprobs`, the positions it asks for also get logits (only those: each row
         costs a vocabulary-sized product); they are left in `last_prompt_rows`."""
         self.copy_blocks(out.copies)
-        ids, pos, q_lens, ctx_lens, rows, row_seqs = [], [], [], [], [], []
+        ids, pos, q_lens, ctx_lens, ends = [], [], [], [], []
         prompt_rows: list[int] = []
         spans: list[tuple] = []
         start = 0
-        for i, (seq, n) in enumerate(zip(out.seqs, out.num_tokens)):
+        for seq, n in zip(out.seqs, out.num_tokens):
             c = seq.num_computed_tokens
             ids.extend(seq.token_ids[c:c + n])
             pos.extend(range(c, c + n))
@@ -80,9 +89,9 @@ class ModelRunner:
                 prompt_rows.extend(start + p - c for p in want)
                 spans.append((seq, want))
             start += n
-            if c + n == seq.num_tokens and not seq.is_prefix:
-                rows.append(start - 1)
-                row_seqs.append(i)
+            ends.append(start - 1)
+        row_seqs = logit_rows(out)
+        rows = [ends[i] for i in row_seqs]
         meta = build_metadata(
             q_lens, ctx_lens, [s.block_table for s in out.seqs], self.block_size, self.device,
             shared_lens=[s.num_shared_blocks * self.block_size for s in out.seqs],

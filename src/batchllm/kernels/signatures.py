@@ -52,6 +52,9 @@ SIGNATURES: dict[str, tuple[Any, tuple[Any, ...]]] = {
     "silu_mul": (None, (PTR, PTR, I64, I64, INT, INT)),  # gate_up, out, rows, m, is_bf16, threads
     # argmax.c
     "argmax_rows": (None, (PTR, I64, I64, INT, PTR, PTR, INT)),  # x, rows, n, is_bf16, out, work, threads
+    # bitmask.c
+    "apply_token_bitmask": (None, (PTR, I64, INT, PTR, I64,  # logits, n, is_bf16, rows, nrows
+                                   PTR, I64, INT)),  # mask, words, threads
 }
 
 
