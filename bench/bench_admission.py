@@ -51,7 +51,8 @@ def chat(llm: LLM, n: int, repeats: int, seed: int = 0) -> dict:
     calib = llm.generate(ids, [SamplingParams(temperature=0, max_tokens=w, ignore_eos=True) for w in wanted],
                          use_tqdm=False)
     stops = [o.outputs[0].token_ids[-1] for o in calib]
-    room = llm.engine.limits.max_context
+    limits = getattr(llm.engine, "limits", None)  # checkouts before issue #19 (the before numbers) have none
+    room = limits.max_context if limits is not None else llm.engine.max_model_len
     open_ended = [SamplingParams(temperature=0, max_tokens=room - len(p), stop_token_ids=[t], ignore_eos=True)
                   for p, t in zip(prompts, stops)]
     a, out_a = _run(llm, ids, open_ended)
