@@ -198,13 +198,15 @@ def test_prepare_matches_tokenizer_and_validates(model: Path) -> None:
                    "/v1/chat/completions"), 6),  # too little room left for min_tokens
         parsed(req({"prompt": ["a b", "c"], "max_tokens": 2, "n": 2}), 7),
         parsed(req({"prompt": "hello", "max_tokens": 60}), 8),  # capped at the pool when it runs, not an error
+        parsed(req({"prompt": "hello", "logit_bias": {str(tok.vocab_size): 5}}), 9),  # a bias beyond the vocabulary
     ]
     prepared, errors = prepare(reqs, tok, limits, engine_seed=0)
     assert [p.request.line for p in prepared] == [1, 2, 7, 8]
     assert [(e.line, e.code) for e in errors] == [(3, "invalid_prompt"), (4, "invalid_prompt"),
-                                                  (5, "invalid_prompt"), (6, "invalid_value")]
+                                                  (5, "invalid_prompt"), (6, "invalid_value"), (9, "invalid_prompt")]
     assert "max_model_len is 64" in errors[0].message and "[0, " in errors[1].message
     assert "KV pool holds 48" in errors[2].message and "min_tokens" in errors[3].message
+    assert f"token ids below {tok.vocab_size}" in errors[4].message
     assert prepared[0].prompt_ids == [tok.encode("hello world")]
     assert prepared[1].prompt_ids == [tok.encode_chat(chat)]
     # chat without max_tokens: the rest of min(max_model_len, KV pool)

@@ -228,6 +228,11 @@ def test_usage_errors(address: str, llama_dir: Path, batch: Path, tmp_path: Path
     code, _, err = cli(capsys, *base, "--ray", address, "--replicas", "2", "--cpus-per-replica", "4")
     assert code == 2 and "do not fit" in err
     assert not (tmp_path / "o.jsonl").exists()
+    # a refusal of the Ray settings comes before --overwrite touches an earlier job's files
+    (tmp_path / "o.jsonl").write_text("earlier results\n")
+    code, _, err = cli(capsys, *base, "--overwrite", "--ray", address, "--replicas", "2", "--cpus-per-replica", "4")
+    assert code == 2 and "do not fit" in err
+    assert (tmp_path / "o.jsonl").read_text() == "earlier results\n"
 
 
 def test_build_processor_isolates_a_bad_row(address: str, llama_dir: Path) -> None:
@@ -256,6 +261,24 @@ def test_build_processor_isolates_a_bad_row(address: str, llama_dir: Path) -> No
     assert [r["num_generated_tokens"] for r in good] == [len(e.outputs[0].token_ids) for e in expected]
     assert sum(s.computed_prefill_tokens for s in processor.last_run_stats) == \
         LLM(str(llama_dir), **engine).plan(prompts, SamplingParams(max_tokens=6)).stats.planned_prefill_tokens
+
+
+def test_build_processor_samples_what_one_llm_samples(address: str, llama_dir: Path) -> None:
+    """Eight copies of one sampled prompt, split between bins (one group larger than a replica's
+    share): seeds are fixed over the whole batch on the driver, so the rows get LLM.generate's
+    eight different samples, not the same draws in every bin."""
+    from batchllm import LLM, SamplingParams
+    from batchllm.ray import ProcessorConfig, build_processor
+
+    prompt = list(range(7, 47))
+    params = {"temperature": 1.0, "max_tokens": 30, "ignore_eos": True}
+    engine = {"kv_cache_memory": 16 << 20, "dtype": "float32"}
+    processor = build_processor(ProcessorConfig(str(llama_dir), engine, params, replicas=2))
+    out = processor(ray.data.from_items([{"prompt": prompt}] * 8)).take_all()
+    assert len(processor.last_run_stats) >= 2  # the group was split between bins
+    expected = LLM(str(llama_dir), **engine).generate([prompt] * 8, SamplingParams(**params), use_tqdm=False)
+    assert [list(r["generated_token_ids"]) for r in out] == [e.outputs[0].token_ids for e in expected]
+    assert len({tuple(e.outputs[0].token_ids) for e in expected}) == 8
 
 
 

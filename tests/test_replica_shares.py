@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from batchllm.distributed.resources import ResourceError, replica_resources
@@ -46,3 +48,7 @@ def test_bins_of_one_replica_and_replicas_side_by_side() -> None:
     assert (total.computed_prefill_tokens, total.num_requests, total.output_tokens) == (150, 6, 30)
     assert (total.peak_kv_blocks, total.num_kv_blocks, total.wall_time_s, total.tokens_per_step) == (13, 128, 2.5, [])
     assert over_replicas([], 1.0).computed_prefill_tokens == 0
+    # blocks in use at the end: a replica's last bin's; the replicas' together
+    ends = [dataclasses.replace(_stats(1, 1, 1.0), kv_blocks_in_use_at_end=k) for k in (3, 7, 2)]
+    assert after(ends[0], ends[1]).kv_blocks_in_use_at_end == 7
+    assert over_replicas([after(ends[0], ends[1]), ends[2]], 1.0).kv_blocks_in_use_at_end == 9

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -140,7 +141,7 @@ class Engine:
                     on_step(stats)
         finally:
             if masks is not None:
-                masks.close()
+                masks.close(raise_error=sys.exc_info()[0] is None)
         stats.wall_time_s = time.perf_counter() - start
         if masks is not None:
             stats.grammar_mask_time_s, stats.grammar_mask_steps = masks.mask_time_s, masks.mask_steps

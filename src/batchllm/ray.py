@@ -21,6 +21,7 @@ rows come back in input order. Importing this module imports Ray (the `ray` extr
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,15 +30,15 @@ from typing import Any
 import numpy as np
 import ray
 
-from batchllm.batch_plan import plan_batch
 from batchllm.config import EngineConfig
-from batchllm.distributed.bins import groups_of_plan, pack
+from batchllm.distributed.bins import pack_batch
 from batchllm.distributed.options import LOCAL, RayOptions
 from batchllm.distributed.ray_runner import cluster_resources, connect
 from batchllm.distributed.replica import BinRequest, BinResult, collect, run_bin
 from batchllm.limits import limits_of_config
 from batchllm.outputs import RunStats
 from batchllm.sampling_params import SamplingParams
+from batchllm.seeding import with_seeds
 from batchllm.tokenizer import Tokenizer
 
 Row = dict[str, Any]
@@ -109,7 +110,7 @@ class Processor:
             raise ValueError("the row has neither 'prompt' nor 'messages'")
         problems = self.limits.prompt_errors([ids], [params])
         if problems:
-            raise ValueError(problems[0])
+            raise ValueError(next(iter(problems.values())))
         return ids, params
 
     def __call__(self, ds: ray.data.Dataset) -> ray.data.Dataset:
@@ -142,12 +143,10 @@ class Processor:
         res = cluster_resources(RayOptions(LOCAL, self.config.replicas, self.config.cpus_per_replica,
                                            self.config.gpus_per_replica))
         ids = [r.prompt_ids[0] for r in requests]
-        params = [r.params[0] for r in requests]
-        plan = plan_batch(self.cfg, ids, params)
-        request_of = [k for k, p in enumerate(params) for _ in range(p.n)]
-        expected = [p.max_tokens for p in params for _ in range(p.n)]
-        groups = groups_of_plan([(g.prefix_len, g.members, g.own_lens) for g in plan.groups], request_of, expected)
-        bins = pack(groups, self.config.replicas)
+        # Seeds over the whole batch, as one LLM would give them, so the bins sample the same.
+        params = with_seeds(ids, [r.params[0] for r in requests], self.cfg.seed)
+        requests = [dataclasses.replace(r, params=[p]) for r, p in zip(requests, params)]
+        bins = pack_batch(self.cfg, ids, params, range(len(ids)), self.config.replicas)
         items = [{"requests": pickle.dumps([requests[k] for k in b.requests])} for b in bins]
         engine_kwargs = dict(self.config.engine_kwargs)
         if res.gpus and "device" not in engine_kwargs:

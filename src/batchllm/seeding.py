@@ -42,3 +42,14 @@ def prompt_seeds(prompt_ids: Sequence[Sequence[int]], params: Sequence[SamplingP
 def sample_seed(prompt_seed: int, sample_index: int) -> int:
     """The generator seed of sample `sample_index` (0 .. n-1) of a prompt seeded `prompt_seed`."""
     return derive_seed(prompt_seed, sample_index)
+
+
+def with_seeds(prompt_ids: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+               engine_seed: int) -> list[SamplingParams]:
+    """`params` with each unseeded sampled prompt's `prompt_seeds` seed written in: what a driver
+    does before splitting a batch, so each part samples what the whole batch would."""
+    import dataclasses
+
+    seeds = prompt_seeds(prompt_ids, params, engine_seed)
+    return [dataclasses.replace(p, seed=s) if p.seed is None and s is not None else p
+            for p, s in zip(params, seeds, strict=True)]

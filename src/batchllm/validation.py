@@ -26,6 +26,8 @@ def prompt_errors(prompt_ids: list[list[int]], params: list[SamplingParams], *, 
                    "(room for one output token needed)")
         elif p.problems():
             why = "; ".join(p.problems())
+        elif any(t >= vocab_size for t in [*(p.logit_bias or {}), *(p.allowed_token_ids or [])]):
+            why = f"logit_bias and allowed_token_ids must be token ids below {vocab_size}"
         if why is not None:
             errors[i] = why
     return errors

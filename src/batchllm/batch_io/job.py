@@ -84,8 +84,8 @@ def run_batch(o: JobOptions) -> int:
     runner = o.runner()
     try:
         try:
+            runner.connect()  # first: a usage error here must not cost --overwrite the earlier job's files
             job = open_job(o.files, o.model, o.engine_kwargs, o.resume, o.overwrite, stream)
-            runner.connect()
         except UsageError as e:
             print(f"batchllm run-batch: error: {e}", file=stream, flush=True)
             return EXIT_USAGE

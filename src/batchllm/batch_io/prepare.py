@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from batchllm.limits import Limits
 from batchllm.sampling_params import SamplingParams
-from batchllm.seeding import prompt_seeds
+from batchllm.seeding import with_seeds
 from batchllm.tokenizer import Tokenizer
 
 from .requests import BatchRequest, ErrorRecord
@@ -131,10 +131,9 @@ def _fix_seeds(prepared: list[Prepared], engine_seed: int) -> None:
     if not any(sp.seed is None and not sp.greedy for p in prepared for sp in p.params):
         return
     where = [(p, k) for p in prepared for k in range(len(p.prompt_ids))]
-    seeds = prompt_seeds([p.prompt_ids[k] for p, k in where], [p.params[k] for p, k in where], engine_seed)
-    for (p, k), seed in zip(where, seeds, strict=True):
-        if p.params[k].seed is None and seed is not None:
-            p.params[k] = dataclasses.replace(p.params[k], seed=seed)
+    seeded = with_seeds([p.prompt_ids[k] for p, k in where], [p.params[k] for p, k in where], engine_seed)
+    for (p, k), sp in zip(where, seeded, strict=True):
+        p.params[k] = sp
 
 
 def units_of(prepared: Sequence[Prepared]) -> list[Unit]:

@@ -1,2 +1,3 @@
-"""Running one batch on several engine replicas: the pure planning half (bins, resources, stats)
-imports neither torch nor Ray; `ray_runner` and `ray_replica` (the `ray` extra) do the running."""
+"""Running one batch on several engine replicas. `bins`, `resources`, `stats`, `options` and
+`replica` import neither Ray nor, at module level, torch; `ray_runner` (the `ray` extra) runs
+them on Ray actors."""

@@ -18,6 +18,10 @@ import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from batchllm.batch_plan import plan_batch
+from batchllm.config import EngineConfig
+from batchllm.sampling_params import SamplingParams
+
 
 @dataclass(frozen=True)
 class GroupWork:
@@ -151,3 +155,14 @@ def groups_of_plan(plan_groups: Sequence[tuple[int, Sequence[int], Sequence[int]
     return [GroupWork(prefix, tuple((request_of[m], own, output_tokens[m]) for m, own in zip(members, owns,
                                                                                              strict=True)))
             for prefix, members, owns in plan_groups]
+
+
+def pack_batch(cfg: EngineConfig, prompt_ids: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+               request_of_prompt: Sequence[int], replicas: int) -> list[Bin]:
+    """Plan the prompts as one batch under `cfg` (`plan_batch`: prompt i's n samples are n
+    sequences) and pack its groups into bins; `request_of_prompt[i]` is prompt i's request."""
+    plan = plan_batch(cfg, prompt_ids, params)
+    request_of = [r for r, p in zip(request_of_prompt, params, strict=True) for _ in range(p.n)]
+    expected = [p.max_tokens for p in params for _ in range(p.n)]
+    return pack(groups_of_plan([(g.prefix_len, g.members, g.own_lens) for g in plan.groups], request_of, expected),
+                replicas)

@@ -25,20 +25,19 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayError
 
 from batchllm.batch_io.prepare import Prepared, units_of
 from batchllm.batch_io.progress import Progress, log
 from batchllm.batch_io.resume import UsageError
 from batchllm.batch_io.runner import Finished
 from batchllm.batch_io.signals import StopSignals
-from batchllm.batch_plan import plan_batch
 from batchllm.config import EngineConfig
 from batchllm.limits import Limits, limits_of_config
 from batchllm.outputs import RunStats
 from batchllm.tokenizer import Tokenizer
 
-from .bins import Bin, groups_of_plan, pack
+from .bins import Bin, pack_batch
 from .options import LOCAL, RayOptions
 from .replica import BinDone, BinEvent, BinRequest, run_bin
 from .resources import ReplicaResources, ResourceError, replica_resources
@@ -153,11 +152,7 @@ class RayRunner:
         units = units_of(todo)
         prompt_ids = [todo[u.request].prompt_ids[u.index] for u in units]
         params = [todo[u.request].params[u.index] for u in units]
-        plan = plan_batch(self.cfg, prompt_ids, params)
-        request_of = [u.request for u, p in zip(units, params) for _ in range(p.n)]
-        expected = [p.max_tokens for p in params for _ in range(p.n)]
-        groups = groups_of_plan([(g.prefix_len, g.members, g.own_lens) for g in plan.groups], request_of, expected)
-        return pack(groups, len(self.actors))
+        return pack_batch(self.cfg, prompt_ids, params, [u.request for u in units], len(self.actors))
 
     def run(self, todo: list[Prepared], sig: StopSignals, progress: Progress) -> Iterator[Finished]:
         """Yield each request as its replica reports it done, from every running bin at once."""
@@ -184,9 +179,10 @@ class RayRunner:
                     r = running[stream]
                     try:
                         event: BinEvent = ray.get(next(stream))
-                    except RayActorError as e:
+                    except RayError as e:  # the actor died (RayActorError) or its bin raised (RayTaskError)
                         del running[stream]
-                        failure = failure or f"replica {r} died: {e}".splitlines()[0]
+                        what = "died" if isinstance(e, RayActorError) else "failed"
+                        failure = failure or f"replica {r} {what}: {e}".splitlines()[0]
                         self._stop_all(running.values())
                         continue
                     if isinstance(event, BinDone):

@@ -9,9 +9,11 @@ from batchllm.outputs import RunStats
 # Fields that describe a pool, not work done: within one replica the same pool serves every bin.
 _POOL = ("peak_kv_blocks", "num_kv_blocks")
 _SAME = ("block_size", "policy")
+# A state at the end of a run: one replica's is its last bin's.
+_AT_END = ("kv_blocks_in_use_at_end",)
 
 
-def _add(a: RunStats, b: RunStats, pool_summed: bool) -> RunStats:
+def _add(a: RunStats, b: RunStats, pool_summed: bool, in_sequence: bool) -> RunStats:
     out = RunStats()
     for f in dataclasses.fields(RunStats):
         x, y = getattr(a, f.name), getattr(b, f.name)
@@ -19,6 +21,8 @@ def _add(a: RunStats, b: RunStats, pool_summed: bool) -> RunStats:
             value = x + y
         elif f.name in _SAME:
             value = x or y
+        elif f.name in _AT_END and in_sequence:
+            value = y
         elif f.name in _POOL and not pool_summed:
             value = max(x, y)
         else:
@@ -29,8 +33,8 @@ def _add(a: RunStats, b: RunStats, pool_summed: bool) -> RunStats:
 
 def after(a: RunStats, b: RunStats) -> RunStats:
     """One replica's statistics over two runs one after the other (bins): work, steps and
-    times summed, the KV peak and pool the larger of the two."""
-    return _add(a, b, pool_summed=False)
+    times summed, the KV peak and pool the larger of the two, the state at the end `b`'s."""
+    return _add(a, b, pool_summed=False, in_sequence=True)
 
 
 def over_replicas(per_replica: list[RunStats], wall_time_s: float) -> RunStats:
@@ -38,7 +42,7 @@ def over_replicas(per_replica: list[RunStats], wall_time_s: float) -> RunStats:
     peaks too (the cluster's), steps per step dropped; wall time is the caller's (the driver's)."""
     total = RunStats()
     for s in per_replica:
-        total = _add(total, s, pool_summed=True)
+        total = _add(total, s, pool_summed=True, in_sequence=False)
     total.tokens_per_step = []
     total.wall_time_s = wall_time_s
     return total

@@ -25,9 +25,10 @@ class StepMasks:
     with the sampled tokens. `close()` when the run ends (also after an error).
 
     overlap=False, the reference: `apply` fills the masks and `advance` feeds the tokens, in the
-    caller's thread. overlap=True: one worker thread feeds the tokens and then fills the next
-    step's masks while the caller schedules and runs the forward pass (a step's masks depend only
-    on the tokens before it); `apply` waits for that fill. The masks, hence the outputs, are the
+    caller's thread. overlap=True: one worker thread feeds the tokens while the caller schedules
+    the next step, and fills that step's masks (submitted by `begin`, after scheduling) while the
+    forward pass runs (a step's masks depend only on the tokens before it); `apply` waits for
+    that fill. The masks, hence the outputs, are the
     same. llguidance's calls drop the GIL, so the worker runs beside PyTorch's threads.
 
     A matcher lives as long as its sequence: preemption recomputes KV but keeps the tokens, so
@@ -121,15 +122,17 @@ class StepMasks:
             self._feed(pairs)
         self.mask_time_s += time.perf_counter() - start
 
-    def close(self) -> None:
-        """Wait for the worker's queued calls and stop it (idempotent)."""
+    def close(self, raise_error: bool = True) -> None:
+        """Wait for the worker's queued calls and stop it (idempotent). A failure of the last
+        feeding is raised, unless `raise_error` is False (the run is already ending on another
+        exception, which it must not replace)."""
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
             self._pending = None
-            if self._fed is not None:
-                self._fed.result()
-                self._fed = None
+            fed, self._fed = self._fed, None
+            if fed is not None and (raise_error or fed.exception() is None):
+                fed.result()
 
     def _fill(self, matchers: list[Any]) -> np.ndarray:
         """The bitmask rows of `matchers`, in order: the first len(matchers) rows of the buffer."""
