@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, TextIO
 
+from batchllm.distributed.replica import BinRequest, RequestDone, run_bin
 from batchllm.limits import Limits
-from batchllm.outputs import RequestOutput, RunStats
+from batchllm.outputs import RunStats
 from batchllm.tokenizer import Tokenizer
 
-from .prepare import Prepared, units_of
+from .prepare import Prepared
 from .progress import Progress
-from .runner import Finished
+from .runner import Finished, finished
 from .signals import StopSignals
 
 
@@ -38,27 +39,20 @@ class LocalRunner:
         return self.llm.structured_errors([r.params[0] for r in prepared])
 
     def run(self, todo: list[Prepared], sig: StopSignals, progress: Progress) -> Iterator[Finished]:
-        """Yield each request as soon as all of its prompts finish."""
+        """Yield each request as soon as all of its prompts finish (or the engine refuses it):
+        the whole of `todo` is one bin (`distributed.replica.run_bin`)."""
         llm = self.llm
-        units = units_of(todo)
-        prompts = [{"prompt_token_ids": todo[u.request].prompt_ids[u.index],
-                    "prompt": todo[u.request].prompt_texts[u.index]} for u in units]
-        params = [todo[u.request].params[u.index] for u in units]
-        collected: dict[int, list[RequestOutput | None]] = {}
 
         def should_stop() -> bool:  # polled by the engine before every step
             progress.tick(llm.last_run_stats)
             return sig.requested
 
+        requests = [BinRequest(i, r.prompt_ids, r.prompt_texts, r.params) for i, r in enumerate(todo)]
         sig.running = True
         try:
-            for out in llm.iter_generate(prompts, params, use_tqdm=False, should_stop=should_stop):
-                u = units[int(out.request_id)]
-                slots = collected.setdefault(u.request, [None] * len(todo[u.request].prompt_ids))
-                slots[u.index] = out
-                if all(s is not None for s in slots):
-                    del collected[u.request]
-                    yield Finished(todo[u.request], [s for s in slots if s is not None])
+            for event in run_bin(llm, requests, should_stop):
+                if isinstance(event, RequestDone):
+                    yield finished(todo, event)
         finally:
             sig.running = False
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol, TextIO
+from typing import TYPE_CHECKING, Protocol, TextIO
 
 from batchllm.limits import Limits
 from batchllm.outputs import RequestOutput, RunStats
@@ -16,6 +16,9 @@ from .prepare import Prepared
 from .progress import Progress
 from .signals import StopSignals
 
+if TYPE_CHECKING:
+    from batchllm.distributed.replica import RequestDone
+
 
 @dataclass
 class Finished:
@@ -24,6 +27,11 @@ class Finished:
     prepared: Prepared
     outputs: list[RequestOutput] | None = None
     error: str | None = None  # set when the engine refused it (e.g. its constraint did not compile)
+
+
+def finished(todo: list[Prepared], done: RequestDone) -> Finished:
+    """A runner's `RequestDone` as the job's `Finished` (`done.key` indexes `todo`)."""
+    return Finished(todo[done.key], done.outputs, done.error)
 
 
 class Runner(Protocol):

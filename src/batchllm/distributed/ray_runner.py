@@ -30,7 +30,7 @@ from ray.exceptions import RayActorError, RayError
 from batchllm.batch_io.prepare import Prepared, units_of
 from batchllm.batch_io.progress import Progress, log
 from batchllm.batch_io.resume import UsageError
-from batchllm.batch_io.runner import Finished
+from batchllm.batch_io.runner import Finished, finished
 from batchllm.batch_io.signals import StopSignals
 from batchllm.config import EngineConfig
 from batchllm.limits import Limits, limits_of_config
@@ -191,10 +191,7 @@ class RayRunner:
                         idle.append(r)
                         continue
                     running[stream] = running.pop(stream)
-                    if event.outputs is not None:
-                        yield Finished(todo[event.key], event.outputs)
-                    else:
-                        yield Finished(todo[event.key], error=event.error)
+                    yield finished(todo, event)
         finally:
             sig.running = False
             self.run_ended = time.monotonic()
