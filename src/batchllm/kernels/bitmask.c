@@ -14,34 +14,34 @@
 #define BF16_NEG_INF 0xFF80u
 #define F32_NEG_INF 0xFF800000u
 
+/* One row: logits row x (T: uint16_t for bf16, uint32_t for float32 bits) under mask row m. */
+#define APPLY_ROW(T, NEG_INF)                                                              \
+    do {                                                                                  \
+        T *x = (T *)logits + rows[j] * n;                                                 \
+        for (int64_t w = 0; w < words; w++) {                                             \
+            uint32_t bits = m[w];                                                         \
+            if (bits == 0xFFFFFFFFu) continue;                                            \
+            int64_t base = w * 32, end = min64(base + 32, n);                             \
+            if (bits == 0 && end - base == 32) {                                          \
+                for (int k = 0; k < 32; k++) x[base + k] = (NEG_INF);                     \
+            } else {                                                                      \
+                for (int64_t t = base; t < end; t++)                                      \
+                    if (!((bits >> (t - base)) & 1u)) x[t] = (NEG_INF);                   \
+            }                                                                             \
+        }                                                                                 \
+    } while (0)
+
 /* logits: `n_rows_total` x n (bf16 when is_bf16, else float32), contiguous; mask: nrows x words
- * int32 (words = ceil(n / 32)); rows[j]: the logits row mask row j applies to. */
+ * int32 (words = ceil(n / 32), which the caller checks); rows[j]: the logits row mask row j
+ * applies to. */
 void apply_token_bitmask(void *logits, int64_t n, int is_bf16, const int64_t *rows, int64_t nrows,
                          const int32_t *mask, int64_t words, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t j = 0; j < nrows; j++) {
         const uint32_t *m = (const uint32_t *)mask + j * words;
-        for (int64_t w = 0; w < words && w * 32 < n; w++) {
-            uint32_t bits = m[w];
-            if (bits == 0xFFFFFFFFu) continue;
-            int64_t base = w * 32, end = min64(base + 32, n);
-            if (is_bf16) {
-                uint16_t *x = (uint16_t *)logits + rows[j] * n;
-                if (bits == 0 && end - base == 32) {
-                    for (int k = 0; k < 32; k++) x[base + k] = BF16_NEG_INF;
-                } else {
-                    for (int64_t t = base; t < end; t++)
-                        if (!((bits >> (t - base)) & 1u)) x[t] = BF16_NEG_INF;
-                }
-            } else {
-                uint32_t *x = (uint32_t *)logits + rows[j] * n;
-                if (bits == 0 && end - base == 32) {
-                    for (int k = 0; k < 32; k++) x[base + k] = F32_NEG_INF;
-                } else {
-                    for (int64_t t = base; t < end; t++)
-                        if (!((bits >> (t - base)) & 1u)) x[t] = F32_NEG_INF;
-                }
-            }
-        }
+        if (is_bf16)
+            APPLY_ROW(uint16_t, BF16_NEG_INF);
+        else
+            APPLY_ROW(uint32_t, F32_NEG_INF);
     }
 }
