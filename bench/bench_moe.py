@@ -62,38 +62,28 @@ class Timers:
         self.forward = moe_module.SparseMoE.forward
         self.linear = moe_module.F.linear
 
+    def timed(self, fn, key: str):  # noqa: ANN001, ANN201
+        """`fn` with its wall time added to `self.t[key]`."""
+        def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.t[key] += time.perf_counter() - t0
+        return wrapper
+
     def install(self) -> None:
-        timers = self
-
-        def route(moe, x):  # noqa: ANN001, ANN202
-            t0 = time.perf_counter()
-            try:
-                return timers.route(moe, x)
-            finally:
-                timers.t["routing"] += time.perf_counter() - t0
-
-        def forward(moe, x):  # noqa: ANN001, ANN202
-            t0 = time.perf_counter()
-            try:
-                return timers.forward(moe, x)
-            finally:
-                timers.t["MoE blocks"] += time.perf_counter() - t0
+        linear = self.timed(self.linear, "expert matmuls")
 
         class TimedF:  # F.linear inside moe.py is the expert matmuls
             def __getattr__(self, name):  # noqa: ANN001, ANN204
                 return getattr(F, name)
 
-            @staticmethod
-            def linear(*args, **kwargs):  # noqa: ANN002, ANN003, ANN205
-                t0 = time.perf_counter()
-                try:
-                    return timers.linear(*args, **kwargs)
-                finally:
-                    timers.t["expert matmuls"] += time.perf_counter() - t0
-
-        moe_module.SparseMoE.route = route
-        moe_module.SparseMoE.forward = forward
-        moe_module.F = TimedF()
+        timed_f = TimedF()
+        timed_f.linear = linear  # type: ignore[attr-defined]
+        moe_module.SparseMoE.route = self.timed(self.route, "routing")
+        moe_module.SparseMoE.forward = self.timed(self.forward, "MoE blocks")
+        moe_module.F = timed_f
 
     def uninstall(self) -> None:
         moe_module.SparseMoE.route = self.route
